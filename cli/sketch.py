@@ -1,0 +1,145 @@
+"""The ``sketch`` command: a thin layer over the sketchstore library, one call per command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
+                         export_selection, prune, query, score, select)
+from sketchstore.build import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_ROWS
+from sketchstore.codecs import DEFAULT_COMPRESSOR
+from sketchstore.errors import BadInputError
+from sketchstore.scoring import AGGREGATIONS, METRICS
+from sketchstore.selection import FUSIONS, parse_top, read_ids
+from sketchstore.spec import DEFAULT_DIM, DEFAULT_KEEP_RATIO, DEFAULT_SEED, PROJECTION_MODES, STORAGE_DTYPES
+from sketchstore.summary import describe, format_table
+
+from .common import one_line_errors
+
+STORE = click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Sketch store directory.")
+TRAIN = click.option("--train", required=True, help="Train rows as CHECKPOINT:SPLIT.")
+VAL = click.option("--val", required=True, help="Validation sets as CKPT:SPLIT[,CKPT:SPLIT...].")
+METRIC = click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True)
+AGGREGATION = click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean", show_default=True,
+                           help="mean of per-example scores, or score against the summed validation sketch.")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit():
+        raise BadInputError(f"--shard must look like I/N (e.g. 0/4), got {text!r}")
+    return int(index), int(count)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Build, store, query and score gradient sketches."""
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Local Hugging Face checkpoint directory.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="JSONL/Parquet with id, prompt, response.")
+@STORE
+@click.option("--checkpoint", required=True, help="Name recorded for this model's sketches.")
+@click.option("--split", required=True, help="Split name, e.g. train or a validation set's name.")
+@click.option("--dim", default=DEFAULT_DIM, show_default=True, help="Sketch length k.")
+@click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Projection seed.")
+@click.option("--projection", "mode", type=click.Choice(PROJECTION_MODES), default="sparse", show_default=True)
+@click.option("--keep-ratio", default=DEFAULT_KEEP_RATIO, show_default=True, help="Fraction of coordinates kept before projecting.")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float16", show_default=True, help="Storage dtype.")
+@click.option("--params", default=None, help="Comma-separated glob patterns of parameter names (default: all).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows projected together.")
+@click.option("--flush-every", default=DEFAULT_FLUSH_ROWS, show_default=True, help="Rows per committed part.")
+@click.option("--max-length", default=1024, show_default=True, help="Token limit per row.")
+@click.option("--compressor", default=DEFAULT_COMPRESSOR, show_default=True, help="none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
+@click.option("--shard", default="0/1", show_default=True, help="Build only shard I of N (disjoint by id).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def build(model, data, store_path, checkpoint, split, dim, seed, mode, keep_ratio, dtype, params, device, batch_size,
+          flush_every, max_length, compressor, shard, quiet) -> None:
+    """Sketch the gradient of each row's response log-likelihood given its prompt."""
+    config = BuildConfig(
+        model=model, data=data, store=store_path, checkpoint=checkpoint, split=split,
+        spec=ProjectionSpec(dim=dim, seed=seed, mode=mode, keep_ratio=keep_ratio, dtype=dtype),
+        params=tuple(p.strip() for p in params.split(",")) if params else None, device=device,
+        batch_size=batch_size, flush_rows=flush_every, max_length=max_length, compressor=compressor,
+        shard=_parse_shard(shard))
+    report = build_sketches(config, progress=not quiet)
+    click.echo(f"{checkpoint}:{split}: {report.added} rows added, {report.skipped} already stored, "
+               f"{report.total} in data ({report.rows_per_second:.2f} rows/s)")
+
+
+@main.command("score")
+@STORE
+@TRAIN
+@VAL
+@METRIC
+@AGGREGATION
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def score_cmd(store_path, train, val, metric, aggregation, quiet) -> None:
+    """Score train rows against validation sets (only rows not scored yet)."""
+    store = SketchStore.open(store_path, writable=True)
+    report = score(store, SplitRef.parse(train), SplitRef.parse_list(val), ScoreOptions(metric, aggregation), progress=not quiet)
+    click.echo(f"{train}: {report.scored} rows scored, {report.already_scored} already scored "
+               f"({report.rows_per_second:.0f} rows/s)")
+
+
+@main.command("select")
+@STORE
+@TRAIN
+@VAL
+@click.option("--top", required=True, help="Fraction in (0, 1] (e.g. 0.1) or a row count (e.g. 500).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Selection file (.jsonl or .parquet).")
+@METRIC
+@AGGREGATION
+@click.option("--fusion", type=click.Choice(FUSIONS), default="rrf", show_default=True, help="How validation sets combine.")
+@click.option("--exclude", multiple=True, type=click.Path(path_type=Path), help="Files of ids to leave out (e.g. earlier stages' selections).")
+@click.option("--score-missing/--no-score-missing", default=True, show_default=True, help="Score unscored rows first.")
+@one_line_errors
+def select_cmd(store_path, train, val, top, out, metric, aggregation, fusion, exclude, score_missing) -> None:
+    """Select the top rows by influence and write them to a file."""
+    store = SketchStore.open(store_path, writable=score_missing)
+    train_ref, val_refs, options = SplitRef.parse(train), SplitRef.parse_list(val), ScoreOptions(metric, aggregation)
+    if score_missing:
+        score(store, train_ref, val_refs, options, progress=False)
+    excluded = [key for path in exclude for key in read_ids(path)]
+    selected = select(store, train_ref, val_refs, parse_top(top), options, fusion, excluded)
+    export_selection(selected, out)
+    click.echo(f"selected {len(selected)} rows of {train} -> {out}")
+
+
+@main.command("prune")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Original dataset (.jsonl or .parquet).")
+@click.option("--keep", required=True, type=click.Path(path_type=Path), help="File with the ids to keep (e.g. a selection).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned dataset to write.")
+@one_line_errors
+def prune_cmd(data, keep, out) -> None:
+    """Write the kept subset of a dataset, every column and the original order preserved."""
+    kept, total = prune(data, keep, out)
+    click.echo(f"kept {kept} of {total} rows -> {out}")
+
+
+@main.command("ls")
+@STORE
+@one_line_errors
+def ls_cmd(store_path) -> None:
+    """What is stored: spec, checkpoints, splits, rows, parts, bytes."""
+    click.echo(describe(SketchStore.open(store_path)))
+
+
+@main.command("query")
+@STORE
+@click.argument("sql")
+@click.option("--max-rows", default=50, show_default=True, help="Rows printed (all are computed).")
+@one_line_errors
+def query_cmd(store_path, sql, max_rows) -> None:
+    """Run SQL over the views ``sketches`` and ``scores``."""
+    columns, rows = query(SketchStore.open(store_path), sql)
+    if columns:
+        click.echo(format_table(columns, rows[:max_rows]))
+        if len(rows) > max_rows:
+            click.echo(f"... {len(rows) - max_rows} more rows")

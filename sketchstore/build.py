@@ -1,0 +1,147 @@
+"""Building sketches: data rows -> per-example gradients -> projections -> store parts.
+
+Resumable: rows whose key is already stored are skipped, and each flushed part is
+committed atomically, so an interrupted build loses at most the unflushed rows.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .codecs import DEFAULT_COMPRESSOR
+from .data import read_rows
+from .errors import BadInputError, SpecMismatchError
+from .gradients import SFTObjective, load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
+from .projection import make_projector
+from .spec import ProjectionSpec, param_spec_hash, stable_seed
+from .store import SketchBatch, SketchStore
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-+=@]+$")
+TEXT_COLUMNS = ("prompt", "response")
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_FLUSH_ROWS = 256
+
+
+def check_name(value: str, what: str) -> str:
+    """Checkpoint and split names are used in keys and CLI lists (CKPT:SPLIT,...)."""
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise BadInputError(f"invalid {what} name {value!r}: use letters, digits and _ . - + = @")
+    return value
+
+
+def in_shard(key: str, shard: tuple[int, int]) -> bool:
+    """Rows go to shard ``stable_seed(id) mod N``: stable when rows are added or reordered."""
+    index, count = shard
+    return count == 1 or stable_seed("shard", key) % count == index
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What ``build_sketches`` builds. ``spec.param_hash`` is filled in from the model."""
+
+    model: Path
+    data: Path
+    store: Path
+    checkpoint: str
+    split: str
+    spec: ProjectionSpec = field(default_factory=ProjectionSpec)
+    params: tuple[str, ...] | None = None
+    device: str = "cpu"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    flush_rows: int = DEFAULT_FLUSH_ROWS
+    max_length: int = 1024
+    compressor: str = DEFAULT_COMPRESSOR
+    shard: tuple[int, int] = (0, 1)
+    objective: str = "sft"
+
+    def __post_init__(self) -> None:
+        check_name(self.checkpoint, "checkpoint")
+        check_name(self.split, "split")
+        if self.batch_size < 1 or self.flush_rows < 1 or self.max_length < 2:
+            raise BadInputError("batch size and flush rows must be >= 1 and max length >= 2")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise BadInputError(f"invalid shard {index}/{count}: need 0 <= I < N")
+        if self.objective != "sft":
+            raise BadInputError(f"unknown objective {self.objective!r}")
+
+
+@dataclass
+class BuildReport:
+    total: int
+    skipped: int
+    added: int
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+
+def _metadata(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "id" and k not in TEXT_COLUMNS}
+
+
+def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: str) -> None:
+    table = store.manifest(checkpoint=checkpoint, columns=["model_fingerprint"])
+    seen = set(table.column("model_fingerprint").to_pylist()) - {"", None} if table.num_rows else set()
+    if seen and fingerprint not in seen:
+        raise SpecMismatchError(
+            f"checkpoint {checkpoint!r} in the store was built from other weights (fingerprint {sorted(seen)[0]} != {fingerprint})")
+
+
+def build_sketches(config: BuildConfig, progress: bool = True,
+                   on_part: Callable[[int], None] | None = None) -> BuildReport:
+    """Sketch every row of ``config.data`` not yet stored under (checkpoint, split)."""
+    start = time.perf_counter()
+    rows = read_rows(config.data, required=("id",) + TEXT_COLUMNS)
+    rows = [r for r in rows if in_shard(r["id"], config.shard)]
+    model, tokenizer = load_model(config.model, config.device)
+    params = select_parameters(model, config.params)
+    spec = replace(config.spec, param_hash=param_spec_hash(parameter_shapes(params)))
+    store = SketchStore.open_or_create(config.store, spec, compressor=config.compressor)
+    fingerprint = model_fingerprint(params)
+    _check_checkpoint_model(store, config.checkpoint, fingerprint)
+    done = store.existing_ids(config.checkpoint, config.split)
+    todo = [r for r in rows if r["id"] not in done]
+    report = BuildReport(total=len(rows), skipped=len(rows) - len(todo), added=0, seconds=0.0)
+    projector = make_projector(spec)
+    objective = SFTObjective(tokenizer, max_length=config.max_length)
+    source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name}
+    bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
+    for lo in range(0, len(todo), config.flush_rows):
+        group = todo[lo:lo + config.flush_rows]
+        sketches, norms, tokens = [], [], []
+        pending: list = []
+        for item in per_example_gradients(model, objective, group, params):
+            pending.append(item)
+            if len(pending) == config.batch_size:
+                sketches.append(_project(projector, pending))
+                pending = []
+            norms.append(item.grad_norm)
+            tokens.append(item.n_tokens)
+            bar.update(1)
+        if pending:
+            sketches.append(_project(projector, pending))
+        batch = SketchBatch(ids=[r["id"] for r in group], sketches=torch.cat(sketches), grad_norms=norms,
+                            n_tokens=tokens, metadata=[_metadata(r) for r in group])
+        added = store.append(config.checkpoint, config.split, batch, source=source)
+        report.added += added
+        if on_part is not None:
+            on_part(added)
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _project(projector, items: Sequence) -> torch.Tensor:
+    names = items[0].grads.keys()
+    stacked = {n: torch.cat([it.grads[n] for it in items]) for n in names}
+    return projector.project(stacked).cpu()

@@ -1,0 +1,91 @@
+"""Reading and writing row datasets (JSONL or Parquet, chosen by file extension)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import BadInputError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    raise BadInputError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .parquet)")
+
+
+def read_rows(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
+    """Rows of a JSONL/Parquet file; checks ``required`` columns and unique string ``id``s."""
+    path = Path(path)
+    fmt = _format_of(path)
+    if not path.is_file():
+        raise BadInputError(f"data file not found: {path}")
+    if fmt == "jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise BadInputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise BadInputError(f"{path}:{lineno}: each line must be a JSON object")
+                rows.append(row)
+    else:
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowException) as err:
+            raise BadInputError(f"{path}: not a readable Parquet file ({err})") from err
+    check_rows(rows, required, str(path))
+    return rows
+
+
+def check_rows(rows: list[dict], required: Sequence[str], source: str) -> None:
+    """Raise BadInputError naming ``source`` for missing columns, null values or duplicate ids."""
+    if not rows:
+        raise BadInputError(f"{source}: no rows")
+    for index, row in enumerate(rows):
+        missing = [c for c in required if row.get(c) is None]
+        if missing:
+            raise BadInputError(f"{source}: row {index} is missing column(s) {', '.join(missing)}")
+    if "id" in required:
+        seen: set[str] = set()
+        for row in rows:
+            key = row["id"] = str(row["id"])
+            if key in seen:
+                raise BadInputError(f"{source}: duplicate id {key!r}")
+            seen.add(key)
+
+
+def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    """Write rows to JSONL or Parquet (by extension), via a temporary file renamed into place."""
+    path = Path(path)
+    fmt = _format_of(path)
+    rows = list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise BadInputError(f"cannot write {path}: {err.strerror or err}") from err
+    return path

@@ -1,0 +1,25 @@
+"""Errors raised by sketchstore. Each message is one line that names the bad input."""
+
+
+class SketchStoreError(Exception):
+    """Base class: the CLI prints ``str(err)`` on one line and exits with code 2."""
+
+
+class BadInputError(SketchStoreError):
+    """A data file, model or argument given by the user is missing or malformed."""
+
+
+class SpecMismatchError(SketchStoreError):
+    """Sketches or a model do not match the store's projection spec."""
+
+
+class StoreNotFoundError(SketchStoreError):
+    """A path is not a sketch store (or does not exist)."""
+
+
+class UnknownKeyError(SketchStoreError):
+    """A checkpoint, split or validation set is not in the store."""
+
+
+class CorruptDataError(SketchStoreError):
+    """A stored chunk or manifest failed its checksum or could not be decoded."""

@@ -1,0 +1,81 @@
+"""The projection spec: everything that decides what a sketch means.
+
+Two sketches can be compared only when their specs are equal; the store records its
+spec once and refuses rows, reads and scores made under another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Iterable
+
+from .errors import BadInputError, SpecMismatchError
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+PROJECTION_MODES = ("sparse", "dense")
+DEFAULT_DIM = 8192
+DEFAULT_SEED = 0
+DEFAULT_KEEP_RATIO = 1.0
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` that is identical in every process and machine."""
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def param_spec_hash(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    """Order-independent hash of the (parameter name, shape) list a gradient covers."""
+    items = sorted((name, tuple(int(s) for s in shape)) for name, shape in named_shapes)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """How gradients become sketches.
+
+    dim: sketch length k. seed: base seed; each parameter's projection is seeded from
+    (seed, parameter name). mode: ``sparse`` (+-1 hashing) or ``dense`` (Gaussian).
+    keep_ratio: fraction of gradient coordinates kept before projecting (paper: ~0.1).
+    dtype: storage dtype of sketches (they are always accumulated in float32).
+    param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
+    """
+
+    dim: int = DEFAULT_DIM
+    seed: int = DEFAULT_SEED
+    mode: str = "sparse"
+    keep_ratio: float = DEFAULT_KEEP_RATIO
+    dtype: str = "float16"
+    param_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise BadInputError(f"projection dim must be a positive integer, got {self.dim!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise BadInputError(f"projection seed must be a non-negative integer, got {self.seed!r}")
+        if self.mode not in PROJECTION_MODES:
+            raise BadInputError(f"projection mode must be one of {PROJECTION_MODES}, got {self.mode!r}")
+        if not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise BadInputError(f"keep ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise BadInputError(f"sketch dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProjectionSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def with_param_hash(self, param_hash: str) -> "ProjectionSpec":
+        return ProjectionSpec(**{**self.to_dict(), "param_hash": param_hash})
+
+    def check_compatible(self, other: "ProjectionSpec", what: str = "sketches") -> None:
+        """Raise SpecMismatchError naming every field where ``other`` differs from self."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        diffs = [f"{k} {theirs[k]!r} != store {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+        if diffs:
+            raise SpecMismatchError(f"{what} do not match the store's projection spec: " + "; ".join(diffs))

@@ -1,0 +1,410 @@
+"""The on-disk sketch store: a Zarr v3 hierarchy of immutable parts plus Parquet manifests.
+
+Layout of a store directory::
+
+    zarr.json                    root group; attributes hold the projection spec (written once)
+    parts/<part>/sketches/       one Zarr array (rows x k) per committed part
+    parts/<part>/manifest.parquet  one row per visible sketch: id, checkpoint, split, row, norms, metadata
+    scores/<key>/<run>.parquet   influence scores (see scoring.py)
+    .staging/                    parts being written; never read
+    .lock                        taken only while a part is committed
+
+A part is written under ``.staging`` and renamed into ``parts/`` when complete, so a reader
+sees whole parts or nothing. At commit time, under the lock, keys that another writer
+already committed are left out of the new manifest, so two writers never duplicate a key.
+Rows are keyed by (id, checkpoint, split).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from .codecs import DEFAULT_CHUNK_BYTES, DEFAULT_COMPRESSOR, codec_chain, from_storage, parse_compressor, storage_numpy_dtype, to_storage
+from .errors import BadInputError, CorruptDataError, SketchStoreError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
+from .spec import ProjectionSpec
+
+FORMAT_NAME = "sketchstore"
+FORMAT_VERSION = 1
+PARTS_DIR = "parts"
+SCORES_DIR = "scores"
+STAGING_DIR = ".staging"
+LOCK_FILE = ".lock"
+ARRAY_NAME = "sketches"
+MANIFEST_NAME = "manifest.parquet"
+KEY_COLUMNS = ("id", "checkpoint", "split")
+RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens", "model_fingerprint")
+NORM_RTOL = 1e-2
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store's root attributes say about it."""
+
+    spec: ProjectionSpec
+    compressor: str
+    chunk_rows: int
+    version: int = FORMAT_VERSION
+
+    def to_attrs(self) -> dict:
+        return {"format": FORMAT_NAME, "version": self.version, "spec": self.spec.to_dict(),
+                "compressor": self.compressor, "chunk_rows": self.chunk_rows}
+
+
+@dataclass
+class SketchBatch:
+    """Rows to append: keys, float32 sketches (n, k) and per-row facts for the catalog."""
+
+    ids: Sequence[str]
+    sketches: torch.Tensor
+    grad_norms: Sequence[float]
+    n_tokens: Sequence[int]
+    metadata: Sequence[dict] = field(default_factory=list)
+
+
+def default_chunk_rows(spec: ProjectionSpec) -> int:
+    return max(1, DEFAULT_CHUNK_BYTES // (spec.dim * storage_numpy_dtype(spec.dtype).itemsize))
+
+
+def _metadata_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return json.dumps(value, default=str)
+
+
+def _metadata_columns(metadata: Sequence[dict], n: int) -> dict[str, list]:
+    """Per-row metadata dicts -> columns; a name clashing with a store column gets a ``meta_`` prefix."""
+    names: list[str] = []
+    for row in metadata:
+        names.extend(k for k in row if k not in names)
+    columns = {}
+    for name in names:
+        column = f"meta_{name}" if name in RESERVED_COLUMNS else name
+        values = [_metadata_value(row.get(name)) for row in metadata] if metadata else [None] * n
+        kinds = {type(v) for v in values if v is not None}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            values = [None if v is None else str(v) for v in values]
+        columns[column] = values
+    return columns
+
+
+class SketchStore:
+    """A directory of sketch parts sharing one projection spec. Use ``create``/``open``."""
+
+    def __init__(self, path: Path, info: StoreInfo, writable: bool) -> None:
+        self.path = path
+        self.info = info
+        self.writable = writable
+
+    # ------------------------------------------------------------------ opening
+    @property
+    def spec(self) -> ProjectionSpec:
+        return self.info.spec
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, writable: bool = False) -> "SketchStore":
+        """Open an existing store; raises StoreNotFoundError when ``path`` is not one."""
+        path = Path(path)
+        root = path / "zarr.json"
+        if not path.exists():
+            raise StoreNotFoundError(f"sketch store not found: {path}")
+        if not root.is_file():
+            raise StoreNotFoundError(f"not a sketch store (no zarr.json): {path}")
+        try:
+            attrs = json.loads(root.read_text()).get("attributes", {}).get(FORMAT_NAME)
+        except (OSError, json.JSONDecodeError) as err:
+            raise CorruptDataError(f"store root metadata {root} is unreadable: {err}") from err
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+            raise StoreNotFoundError(f"not a sketch store (zarr group without sketchstore attributes): {path}")
+        if attrs.get("version") != FORMAT_VERSION:
+            raise SpecMismatchError(f"store {path} has format version {attrs.get('version')}, this library reads {FORMAT_VERSION}")
+        info = StoreInfo(ProjectionSpec.from_dict(attrs["spec"]), attrs["compressor"], int(attrs["chunk_rows"]))
+        if writable and not os.access(path, os.W_OK):
+            raise BadInputError(f"store {path} is read-only")
+        return cls(path, info, writable)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, spec: ProjectionSpec, compressor: str = DEFAULT_COMPRESSOR,
+               chunk_rows: int | None = None) -> "SketchStore":
+        """Create a new empty store at ``path`` (which must not exist or be an empty directory)."""
+        path = Path(path)
+        parse_compressor(compressor)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreNotFoundError(f"cannot create a store at {path}: it exists and is not an empty directory")
+        info = StoreInfo(spec, compressor, chunk_rows or default_chunk_rows(spec))
+        staging = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+        try:
+            group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
+            group.attrs[FORMAT_NAME] = info.to_attrs()
+            for sub in (PARTS_DIR, SCORES_DIR, STAGING_DIR):
+                (staging / sub).mkdir()
+            if path.exists():
+                path.rmdir()
+            staging.rename(path)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise BadInputError(f"cannot create store at {path}: {err.strerror or err}") from err
+        return cls(path, info, writable=True)
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, spec: ProjectionSpec, compressor: str = DEFAULT_COMPRESSOR,
+                       chunk_rows: int | None = None) -> "SketchStore":
+        """Open ``path`` for appending if it is a store with an equal spec, else create it."""
+        path = Path(path)
+        if (path / "zarr.json").exists():
+            store = cls.open(path, writable=True)
+            store.spec.check_compatible(spec, what=f"sketches for {path}")
+            return store
+        return cls.create(path, spec, compressor=compressor, chunk_rows=chunk_rows)
+
+    # ------------------------------------------------------------------ writing
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def append(self, checkpoint: str, split: str, batch: SketchBatch, source: dict | None = None) -> int:
+        """Write ``batch`` as one new part; returns the number of rows made visible.
+
+        Keys already stored (by this or a concurrent writer) are skipped. Nothing is visible
+        until the part is complete; a failure leaves the store as it was.
+        """
+        if not self.writable:
+            raise BadInputError(f"store {self.path} was opened read-only")
+        ids = [str(i) for i in batch.ids]
+        n = len(ids)
+        sketches = batch.sketches
+        if sketches.ndim != 2 or sketches.shape[0] != n or sketches.shape[1] != self.spec.dim:
+            raise SpecMismatchError(
+                f"sketch batch has shape {tuple(sketches.shape)}, expected ({n}, {self.spec.dim}) for this store")
+        if len(set(ids)) != n:
+            raise BadInputError(f"duplicate ids in one batch for {checkpoint}:{split}")
+        if len(batch.grad_norms) != n or len(batch.n_tokens) != n or (batch.metadata and len(batch.metadata) != n):
+            raise BadInputError("sketch batch columns have different lengths")
+        if n == 0:
+            return 0
+        part = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging = self.path / STAGING_DIR / part
+        try:
+            data = to_storage(sketches.float(), self.spec.dtype)
+            sketch_norms = sketches.float().norm(dim=1)
+            if self.spec.dtype != "float32":
+                sketch_norms = from_storage(data, self.spec.dtype).norm(dim=1)
+            array = zarr.create_array(
+                store=str(staging / ARRAY_NAME), shape=data.shape, dtype=data.dtype,
+                chunks=(min(self.info.chunk_rows, n), self.spec.dim),
+                compressors=codec_chain(self.info.compressor, data.dtype.itemsize),
+                config={"write_empty_chunks": True},
+                attributes={"checkpoint": checkpoint, "split": split, "source": source or {}},
+                zarr_format=3)
+            array[:] = data
+            columns = {
+                "id": ids, "checkpoint": [checkpoint] * n, "split": [split] * n, "part": [part] * n,
+                "row": list(range(n)), "grad_norm": [float(x) for x in batch.grad_norms],
+                "sketch_norm": sketch_norms.tolist(), "n_tokens": [int(x) for x in batch.n_tokens],
+                "model_fingerprint": [str((source or {}).get("fingerprint", ""))] * n,
+                **_metadata_columns(batch.metadata, n),
+            }
+            table = pa.table(columns)
+            with self._lock():
+                taken = self.existing_ids(checkpoint, split, ids)
+                if taken:
+                    keep = [i for i, key in enumerate(ids) if key not in taken]
+                    table = table.take(keep)
+                if table.num_rows == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return 0
+                pq.write_table(table, staging / MANIFEST_NAME)
+                _fsync_tree(staging)
+                os.rename(staging, self.path / PARTS_DIR / part)
+                _fsync_dir(self.path / PARTS_DIR)
+            return table.num_rows
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SketchStoreError(f"writing a part to {self.path} failed ({err.strerror or err}); the store is unchanged") from err
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def write_scores(self, key: str, table: pa.Table) -> None:
+        """Add a Parquet file of scores under ``scores/<key>/``; visible only once complete."""
+        if not self.writable:
+            raise BadInputError(f"store {self.path} was opened read-only")
+        if table.num_rows == 0:
+            return
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        staging = self.path / STAGING_DIR / name
+        target = self.path / SCORES_DIR / key
+        try:
+            pq.write_table(table, staging)
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+            target.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, target / name)
+            _fsync_dir(target)
+        except OSError as err:
+            staging.unlink(missing_ok=True)
+            raise SketchStoreError(f"writing scores to {self.path} failed ({err.strerror or err}); the store is unchanged") from err
+
+    def score_glob(self) -> str:
+        return str(self.path / SCORES_DIR / "*" / "*.parquet")
+
+    def score_files(self) -> list[Path]:
+        return sorted((self.path / SCORES_DIR).glob("*/*.parquet"))
+
+    # ------------------------------------------------------------------ reading
+    def manifest_glob(self) -> str:
+        return str(self.path / PARTS_DIR / "*" / MANIFEST_NAME)
+
+    def part_names(self) -> list[str]:
+        return sorted(p.name for p in (self.path / PARTS_DIR).iterdir() if (p / MANIFEST_NAME).is_file())
+
+    def manifest(self, checkpoint: str | None = None, split: str | None = None,
+                 columns: Sequence[str] | None = None) -> pa.Table:
+        """The manifest rows of all committed parts (optionally of one checkpoint/split)."""
+        wanted = list(columns) if columns else None
+        read_cols = None if wanted is None else list(dict.fromkeys(wanted + ["checkpoint", "split"]))
+        tables = []
+        for part in self.part_names():
+            path = self.path / PARTS_DIR / part / MANIFEST_NAME
+            try:
+                table = pq.read_table(path, columns=read_cols)
+            except (OSError, pa.ArrowException) as err:
+                raise CorruptDataError(f"manifest {path} is unreadable: {err}") from err
+            mask = np.ones(table.num_rows, dtype=bool)
+            if checkpoint is not None:
+                mask &= np.asarray(table.column("checkpoint").to_pylist(), dtype=object) == checkpoint
+            if split is not None:
+                mask &= np.asarray(table.column("split").to_pylist(), dtype=object) == split
+            if not mask.any():
+                continue
+            if not mask.all():
+                table = table.filter(pa.array(mask))
+            tables.append(table.select(wanted) if wanted else table)
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in (wanted or KEY_COLUMNS)})
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def existing_ids(self, checkpoint: str, split: str, among: Sequence[str] | None = None) -> set[str]:
+        """Ids already stored for (checkpoint, split), optionally restricted to ``among``."""
+        ids = set(self.manifest(checkpoint, split, columns=["id", "checkpoint", "split"]).column("id").to_pylist())
+        return ids & set(among) if among is not None else ids
+
+    def keys(self) -> list[tuple[str, str, int]]:
+        """(checkpoint, split, rows) for everything stored."""
+        table = self.manifest(columns=["checkpoint", "split"])
+        counts: dict[tuple[str, str], int] = {}
+        for ckpt, split in zip(table.column("checkpoint").to_pylist(), table.column("split").to_pylist()):
+            counts[(ckpt, split)] = counts.get((ckpt, split), 0) + 1
+        return [(c, s, n) for (c, s), n in sorted(counts.items())]
+
+    def require(self, checkpoint: str, split: str) -> None:
+        """Raise UnknownKeyError when no rows exist for (checkpoint, split)."""
+        keys = self.keys()
+        if not any(c == checkpoint and s == split for c, s, _ in keys):
+            known = ", ".join(f"{c}:{s}" for c, s, _ in keys) or "nothing"
+            raise UnknownKeyError(f"no sketches for checkpoint:split {checkpoint}:{split} in {self.path} (stored: {known})")
+
+    def open_part(self, part: str) -> zarr.Array:
+        path = self.path / PARTS_DIR / part / ARRAY_NAME
+        try:
+            return zarr.open_array(store=str(path), mode="r", zarr_format=3)
+        except Exception as err:  # zarr raises several types for damaged metadata
+            raise CorruptDataError(f"part {part} in {self.path}: array metadata unreadable ({err})") from err
+
+    def read_rows(self, part: str, start: int, stop: int) -> torch.Tensor:
+        """float32 rows [start, stop) of a part; a damaged chunk raises CorruptDataError naming it."""
+        array = self.open_part(part)
+        try:
+            block = array[start:stop]
+        except Exception as err:  # checksum and codec failures surface as various exceptions
+            chunk = start // array.chunks[0]
+            raise CorruptDataError(
+                f"part {part} in {self.path}: chunk {chunk} (rows {start}-{stop}) failed to decode ({type(err).__name__}: {err})") from err
+        return from_storage(block, self.spec.dtype)
+
+    def iter_blocks(self, checkpoint: str, split: str, exclude: set[str] | None = None,
+                    block_rows: int | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Stream (ids, float32 sketches) for (checkpoint, split), one chunk-sized block at a time.
+
+        Memory is bounded by ``block_rows`` rows; rows in ``exclude`` are skipped. Each block's
+        norms are checked against the manifest so a silently zeroed chunk is caught.
+        """
+        manifest = self.manifest(checkpoint, split, columns=["id", "checkpoint", "split", "part", "row", "sketch_norm"])
+        if manifest.num_rows == 0:
+            return
+        block_rows = block_rows or self.info.chunk_rows
+        by_part: dict[str, list[tuple[int, str, float]]] = {}
+        for key, part, row, norm in zip(*(manifest.column(c).to_pylist() for c in ("id", "part", "row", "sketch_norm"))):
+            if exclude is None or key not in exclude:
+                by_part.setdefault(part, []).append((row, key, norm))
+        for part in sorted(by_part):
+            rows = sorted(by_part[part])
+            for lo in range(0, len(rows), block_rows):
+                chunk = rows[lo:lo + block_rows]
+                first, last = chunk[0][0], chunk[-1][0] + 1
+                data = self.read_rows(part, first, last)
+                index = torch.tensor([r - first for r, _, _ in chunk])
+                block = data if len(chunk) == last - first else data.index_select(0, index)
+                expected = torch.tensor([nrm for _, _, nrm in chunk], dtype=torch.float32)
+                if not torch.allclose(block.norm(dim=1), expected, rtol=NORM_RTOL, atol=1e-6):
+                    raise CorruptDataError(f"part {part} in {self.path}: rows {first}-{last} do not match their manifest norms (missing or altered chunk)")
+                yield [key for _, key, _ in chunk], block
+
+    def read(self, checkpoint: str, split: str, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """All (or the given) sketches of (checkpoint, split) in memory; for small sets such as validation."""
+        self.require(checkpoint, split)
+        out_ids: list[str] = []
+        blocks = []
+        for block_ids, block in self.iter_blocks(checkpoint, split):
+            out_ids.extend(block_ids)
+            blocks.append(block)
+        matrix = torch.cat(blocks) if blocks else torch.zeros(0, self.spec.dim)
+        if ids is not None:
+            position = {key: i for i, key in enumerate(out_ids)}
+            missing = [key for key in ids if key not in position]
+            if missing:
+                raise UnknownKeyError(f"{len(missing)} ids not stored for {checkpoint}:{split}, e.g. {missing[0]!r}")
+            matrix = matrix[[position[key] for key in ids]]
+            out_ids = list(ids)
+        return out_ids, matrix
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` so a renamed part survives a power loss."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
