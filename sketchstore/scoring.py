@@ -11,7 +11,8 @@ inner      mean           mean over v of <x, v>;                    t = mean(v)
 inner      sum            <x, sum of v>
 =========  =============  ===========================================================
 
-For cosine, f(x) = x/|x| (0 for a zero sketch: a zero gradient aligns with nothing), and
+For cosine, f(x) = x/|x| (0 for a zero sketch: a zero gradient aligns with nothing; the
+store keeps rows unit-normalised, so this costs nothing), and
 validation rows with a zero sketch are left out of the target. Train rows are streamed one
 chunk at a time, so memory does not grow with the store. Scores are written to the store
 keyed by (train checkpoint, train split, validation set, metric, aggregation) and a
@@ -123,10 +124,8 @@ def scored_ids(store: SketchStore, train: SplitRef, target: Target, options: Sco
     return set(_read_key(store, score_key(train, target, options)))
 
 
-def score_block(block: torch.Tensor, targets: torch.Tensor, metric: str) -> torch.Tensor:
-    """(n, k) sketches x (k, m) targets -> (n, m) scores."""
-    if metric == "cosine":
-        block = block / block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+def score_block(block: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, k) sketches x (k, m) targets -> (n, m) scores. For cosine, pass unit rows."""
     return block @ targets
 
 
@@ -143,8 +142,9 @@ def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options
     matrix = torch.stack([t.vector for t in targets], dim=1)
     columns: list[dict[str, list]] = [{"id": [], "score": []} for _ in targets]
     bar = tqdm(total=n_train - len(skip), desc=f"score {train}", unit="row", disable=not progress)
-    for ids, block in store.iter_blocks(train.checkpoint, train.split, exclude=skip):
-        scores = score_block(block, matrix, options.metric)
+    unit = options.metric == "cosine"
+    for ids, block in store.iter_blocks(train.checkpoint, train.split, exclude=skip, unit=unit):
+        scores = score_block(block, matrix)
         for j, col in enumerate(columns):
             fresh = [i for i, key in enumerate(ids) if key not in done[j]] if done[j] else range(len(ids))
             col["id"].extend(ids[i] for i in fresh)

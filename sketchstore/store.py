@@ -9,6 +9,8 @@ Layout of a store directory::
     .staging/                    parts being written; never read
     .lock                        taken only while a part is committed
 
+Rows are stored unit-normalised (x/|x|) with |x| in the manifest: any gradient scale fits
+the fp16/bf16 range at full relative precision, and cosine scoring reads rows as stored.
 A part is written under ``.staging`` and renamed into ``parts/`` when complete, so a reader
 sees whole parts or nothing. At commit time, under the lock, keys that another writer
 already committed are left out of the new manifest, so two writers never duplicate a key.
@@ -23,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,8 @@ ARRAY_NAME = "sketches"
 MANIFEST_NAME = "manifest.parquet"
 KEY_COLUMNS = ("id", "checkpoint", "split")
 RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens", "model_fingerprint")
-NORM_RTOL = 1e-2
+MIN_NORM = 1e-30
+PREFETCH_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -206,10 +210,12 @@ class SketchStore:
         part = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging = self.path / STAGING_DIR / part
         try:
-            data = to_storage(sketches.float(), self.spec.dtype)
-            sketch_norms = sketches.float().norm(dim=1)
-            if self.spec.dtype != "float32":
-                sketch_norms = from_storage(data, self.spec.dtype).norm(dim=1)
+            sketches = sketches.float()
+            sketch_norms = sketches.norm(dim=1)
+            if not torch.isfinite(sketch_norms).all():
+                bad = ids[int((~torch.isfinite(sketch_norms)).nonzero()[0])]
+                raise BadInputError(f"sketch of row {bad!r} is not finite (inf/nan gradient); nothing was written")
+            data = to_storage(sketches / sketch_norms.clamp_min(MIN_NORM)[:, None], self.spec.dtype)
             array = zarr.create_array(
                 store=str(staging / ARRAY_NAME), shape=data.shape, dtype=data.dtype,
                 chunks=(min(self.info.chunk_rows, n), self.spec.dim),
@@ -230,7 +236,7 @@ class SketchStore:
                 taken = self.existing_ids(checkpoint, split, ids)
                 if taken:
                     keep = [i for i, key in enumerate(ids) if key not in taken]
-                    table = table.take(keep)
+                    table = table.take(pa.array(keep, pa.int64()))
                 if table.num_rows == 0:
                     shutil.rmtree(staging, ignore_errors=True)
                     return 0
@@ -333,43 +339,64 @@ class SketchStore:
             raise CorruptDataError(f"part {part} in {self.path}: array metadata unreadable ({err})") from err
 
     def read_rows(self, part: str, start: int, stop: int) -> torch.Tensor:
-        """float32 rows [start, stop) of a part; a damaged chunk raises CorruptDataError naming it."""
+        """Stored (unit-norm) float32 rows [start, stop) of a part.
+
+        A chunk failing its checksum, or missing (zarr would silently read it as zeros),
+        raises CorruptDataError naming the part and chunk.
+        """
         array = self.open_part(part)
+        step = array.chunks[0]
+        for chunk in range(start // step, (stop - 1) // step + 1):
+            if not (self.path / PARTS_DIR / part / ARRAY_NAME / "c" / str(chunk) / "0").is_file():
+                raise CorruptDataError(f"part {part} in {self.path}: chunk {chunk} is missing")
         try:
             block = array[start:stop]
-        except Exception as err:  # checksum and codec failures surface as various exceptions
-            chunk = start // array.chunks[0]
+        except Exception as err:  # checksum and codec failures surface as various exception types
             raise CorruptDataError(
-                f"part {part} in {self.path}: chunk {chunk} (rows {start}-{stop}) failed to decode ({type(err).__name__}: {err})") from err
+                f"part {part} in {self.path}: chunk {start // step} (rows {start}-{stop}) failed to decode "
+                f"({type(err).__name__}: {err})") from err
         return from_storage(block, self.spec.dtype)
 
-    def iter_blocks(self, checkpoint: str, split: str, exclude: set[str] | None = None,
-                    block_rows: int | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Stream (ids, float32 sketches) for (checkpoint, split), one chunk-sized block at a time.
-
-        Memory is bounded by ``block_rows`` rows; rows in ``exclude`` are skipped. Each block's
-        norms are checked against the manifest so a silently zeroed chunk is caught.
-        """
-        manifest = self.manifest(checkpoint, split, columns=["id", "checkpoint", "split", "part", "row", "sketch_norm"])
-        if manifest.num_rows == 0:
-            return
-        block_rows = block_rows or self.info.chunk_rows
+    def _plan(self, checkpoint: str, split: str, exclude: set[str] | None,
+              block_rows: int) -> list[tuple[str, list[tuple[int, str, float]]]]:
+        """(part, [(row, id, norm), ...]) reads of at most ``block_rows`` rows, in storage order."""
+        manifest = self.manifest(checkpoint, split, columns=["id", "part", "row", "sketch_norm"])
         by_part: dict[str, list[tuple[int, str, float]]] = {}
-        for key, part, row, norm in zip(*(manifest.column(c).to_pylist() for c in ("id", "part", "row", "sketch_norm"))):
-            if exclude is None or key not in exclude:
-                by_part.setdefault(part, []).append((row, key, norm))
+        if manifest.num_rows:
+            for key, part, row, norm in zip(*(manifest.column(c).to_pylist() for c in ("id", "part", "row", "sketch_norm"))):
+                if exclude is None or key not in exclude:
+                    by_part.setdefault(part, []).append((row, key, norm))
+        plan = []
         for part in sorted(by_part):
             rows = sorted(by_part[part])
-            for lo in range(0, len(rows), block_rows):
-                chunk = rows[lo:lo + block_rows]
-                first, last = chunk[0][0], chunk[-1][0] + 1
-                data = self.read_rows(part, first, last)
-                index = torch.tensor([r - first for r, _, _ in chunk])
-                block = data if len(chunk) == last - first else data.index_select(0, index)
-                expected = torch.tensor([nrm for _, _, nrm in chunk], dtype=torch.float32)
-                if not torch.allclose(block.norm(dim=1), expected, rtol=NORM_RTOL, atol=1e-6):
-                    raise CorruptDataError(f"part {part} in {self.path}: rows {first}-{last} do not match their manifest norms (missing or altered chunk)")
-                yield [key for _, key, _ in chunk], block
+            plan.extend((part, rows[lo:lo + block_rows]) for lo in range(0, len(rows), block_rows))
+        return plan
+
+    def _load(self, part: str, rows: list[tuple[int, str, float]], unit: bool) -> tuple[list[str], torch.Tensor]:
+        first, last = rows[0][0], rows[-1][0] + 1
+        data = self.read_rows(part, first, last)
+        if len(rows) != last - first:
+            data = data.index_select(0, torch.tensor([r - first for r, _, _ in rows]))
+        if not unit:
+            data.mul_(torch.tensor([norm for _, _, norm in rows], dtype=torch.float32)[:, None])
+        return [key for _, key, _ in rows], data
+
+    def iter_blocks(self, checkpoint: str, split: str, exclude: set[str] | None = None,
+                    block_rows: int | None = None, unit: bool = False) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Stream (ids, float32 sketches) for (checkpoint, split), one block at a time.
+
+        Memory is bounded by ``block_rows`` rows (default: the chunk size) times the prefetch
+        depth; rows in ``exclude`` are skipped. ``unit=True`` yields rows as stored (x/|x|).
+        The next block is read and decoded in a background thread while this one is used.
+        """
+        plan = self._plan(checkpoint, split, exclude, block_rows or self.info.chunk_rows)
+        with ThreadPoolExecutor(max_workers=PREFETCH_BLOCKS) as pool:
+            pending = [pool.submit(self._load, part, rows, unit) for part, rows in plan[:PREFETCH_BLOCKS]]
+            for index in range(len(plan)):
+                nxt = index + PREFETCH_BLOCKS
+                if nxt < len(plan):
+                    pending.append(pool.submit(self._load, *plan[nxt], unit))
+                yield pending.pop(0).result()
 
     def read(self, checkpoint: str, split: str, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
         """All (or the given) sketches of (checkpoint, split) in memory; for small sets such as validation."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sketchstore.errors import CorruptDataError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
+from sketchstore.errors import BadInputError, CorruptDataError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
 from sketchstore.spec import ProjectionSpec
 from sketchstore.store import PARTS_DIR, STAGING_DIR, SketchBatch, SketchStore
 
@@ -55,7 +55,7 @@ def test_not_a_store(tmp_path):
     assert (tmp_path / "plain" / "file.txt").read_text() == "x"
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 1e-1), ("float32", 0.0)])
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 1e-2), ("float32", 1e-6)])
 @pytest.mark.parametrize("compressor", ["none", "zstd", "blosc-lz4", "blosc-zstd:3"])
 def test_round_trip(tmp_path, dtype, tol, compressor):
     store = SketchStore.create(tmp_path / "s", ProjectionSpec(dim=DIM, dtype=dtype), compressor=compressor, chunk_rows=4)
@@ -63,9 +63,8 @@ def test_round_trip(tmp_path, dtype, tol, compressor):
     assert store.append("c0", "train", b) == 10
     ids, x = store.read("c0", "train")
     assert ids == b.ids
-    assert torch.allclose(x, b.sketches, atol=tol, rtol=tol)
-    if dtype == "float32":
-        assert torch.equal(x, b.sketches)
+    error = (x - b.sketches).norm(dim=1) / b.sketches.norm(dim=1)
+    assert error.max() < tol, error.max()
 
 
 def test_append_only_and_resume(tmp_path):
@@ -185,8 +184,8 @@ def test_truncated_and_missing_chunks_are_detected(tmp_path):
     first.write_bytes(first.read_bytes()[:10])
     with pytest.raises(CorruptDataError, match="chunk 0"):
         store.read("c0", "train")
-    first.unlink()  # a missing chunk would read as zeros; the manifest norms catch it
-    with pytest.raises(CorruptDataError, match="do not match their manifest norms"):
+    first.unlink()  # zarr would read a missing chunk as zeros
+    with pytest.raises(CorruptDataError, match="chunk 0 is missing"):
         store.read("c0", "train")
 
 
@@ -209,3 +208,24 @@ def test_metadata_columns_survive(tmp_path):
     assert table[0]["pass_rate"] == 0.25 and table[1]["pass_rate"] is None
     assert table[0]["tags"] == '["a"]' and table[0]["meta_row"] == "clash" and table[0]["row"] == 0
     assert np.isclose(table[0]["sketch_norm"], float(batch(["a", "b"]).sketches[0].half().float().norm()), rtol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e6])
+def test_fp16_keeps_tiny_and_huge_sketches(tmp_path, scale):
+    """Plain fp16 would flush 1e-9 to zero and overflow 1e6; unit rows plus stored norms keep both."""
+    store = SketchStore.create(tmp_path / "s", ProjectionSpec(dim=DIM, dtype="float16"))
+    b = batch(["a", "b"], seed=5)
+    b.sketches = b.sketches * scale
+    store.append("c0", "train", b)
+    _, x = store.read("c0", "train")
+    error = (x - b.sketches).norm(dim=1) / b.sketches.norm(dim=1)
+    assert error.max() < 2e-3
+
+
+def test_non_finite_sketch_is_refused(tmp_path):
+    store = SketchStore.create(tmp_path / "s", ProjectionSpec(dim=DIM))
+    b = batch(["a", "b"])
+    b.sketches[1, 3] = float("nan")
+    with pytest.raises(BadInputError, match="row 'b' is not finite"):
+        store.append("c0", "train", b)
+    assert store.keys() == []
