@@ -148,5 +148,5 @@ def per_example_gradients(model: nn.Module, objective: Objective, rows: Iterable
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             grads[name] = g.detach().float().unsqueeze(0)
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-        yield GradientRow(row=row, grads=grads, n_tokens=n_tokens, loss=float(loss), grad_norm=norm)
+        yield GradientRow(row=row, grads=grads, n_tokens=n_tokens, loss=float(loss.detach()), grad_norm=norm)
     model.zero_grad(set_to_none=True)
