@@ -103,6 +103,9 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     start = time.perf_counter()
     rows = read_rows(config.data, required=("id",) + TEXT_COLUMNS)
     rows = [r for r in rows if in_shard(r["id"], config.shard)]
+    if (Path(config.store) / "zarr.json").exists():  # fail fast, before loading the model
+        existing = SketchStore.open(config.store, writable=True).spec
+        existing.check_compatible(replace(config.spec, param_hash=existing.param_hash), what=f"sketches for {config.store}")
     model, tokenizer = load_model(config.model, config.device)
     params = select_parameters(model, config.params)
     spec = replace(config.spec, param_hash=param_spec_hash(parameter_shapes(params)))

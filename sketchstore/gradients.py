@@ -45,7 +45,9 @@ class GradientRow:
 def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load a local Hugging Face causal LM and its tokenizer; errors name the directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise BadInputError(f"model directory {path} has no config.json (expected a local Hugging Face checkpoint)")
