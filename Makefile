@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sketch demo --out runs/demo
+	$(BIN)/sketch demo --out runs/sketch-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

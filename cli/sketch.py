@@ -143,3 +143,19 @@ def query_cmd(store_path, sql, max_rows) -> None:
         click.echo(format_table(columns, rows[:max_rows]))
         if len(rows) > max_rows:
             click.echo(f"... {len(rows) - max_rows} more rows")
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sketch-demo"), show_default=True)
+@click.option("--model-cache", type=click.Path(path_type=Path), default=Path(".cache/models"), show_default=True,
+              help="Where the warm-started demo policy is cached.")
+@click.option("--pool-size", default=400, show_default=True)
+@click.option("--dim", default=DEFAULT_DIM, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@one_line_errors
+def demo_cmd(out, model_cache, pool_size, dim, device) -> None:
+    """The whole flow (build, score, select, prune) on the embedded policy and task pool."""
+    from cropi.sketch_demo import SketchDemoConfig, run_sketch_demo
+
+    run_sketch_demo(SketchDemoConfig(out=out, model_cache=model_cache, pool_size=pool_size, dim=dim, device=device),
+                    log=click.echo)
