@@ -159,3 +159,33 @@ def demo_cmd(out, model_cache, pool_size, dim, device) -> None:
 
     run_sketch_demo(SketchDemoConfig(out=out, model_cache=model_cache, pool_size=pool_size, dim=dim, device=device),
                     log=click.echo)
+
+
+@main.command("verify")
+@STORE
+@one_line_errors
+def verify_cmd(store_path) -> None:
+    """Read every chunk of every part and report all damage (changes nothing). Exit 1 if damaged."""
+    from sketchstore.verify import stale_staging, verify
+
+    store = SketchStore.open(store_path)
+    problems = verify(store, progress=True)
+    for problem in problems:
+        click.echo(f"damaged: {problem}")
+    leftovers = stale_staging(store)
+    if leftovers:
+        click.echo(f"{len(leftovers)} interrupted writes in .staging (harmless; `sketch repair` removes them)")
+    click.echo(f"{len(store.part_names())} parts checked, {len(problems)} problems")
+    if problems:
+        raise SystemExit(1)
+
+
+@main.command("repair")
+@STORE
+@one_line_errors
+def repair_cmd(store_path) -> None:
+    """Set damaged parts aside (to .quarantine/) so a re-run of `sketch build` rebuilds their rows."""
+    from sketchstore.verify import repair
+
+    moved = repair(SketchStore.open(store_path, writable=True))
+    click.echo(f"{len(moved)} damaged parts moved to .quarantine/: {', '.join(moved) or '-'}")
