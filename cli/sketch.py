@@ -8,7 +8,7 @@ import click
 
 from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
                          export_selection, prune, query, score, select)
-from sketchstore.build import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_ROWS
+from sketchstore.build import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_ROWS, OBJECTIVES
 from sketchstore.codecs import DEFAULT_COMPRESSOR
 from sketchstore.errors import BadInputError
 from sketchstore.scoring import AGGREGATIONS, METRICS
@@ -40,7 +40,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Local Hugging Face checkpoint directory.")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="JSONL/Parquet with id, prompt, response.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="JSONL/Parquet with id, prompt, response (sft); optional for popi (restricts rows, adds metadata).")
 @STORE
 @click.option("--checkpoint", required=True, help="Name recorded for this model's sketches.")
 @click.option("--split", required=True, help="Split name, e.g. train or a validation set's name.")
@@ -56,20 +57,25 @@ def main() -> None:
 @click.option("--max-length", default=1024, show_default=True, help="Token limit per row.")
 @click.option("--compressor", default=DEFAULT_COMPRESSOR, show_default=True, help="none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
 @click.option("--shard", default="0/1", show_default=True, help="Build only shard I of N (disjoint by id).")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="sft", show_default=True,
+              help="sft: response log-likelihood; popi: off-policy policy gradient from --trajectories.")
+@click.option("--trajectories", type=click.Path(path_type=Path), help="Rollout Parquet (from `cropi rollout`) for popi.")
+@click.option("--behaviour", default=None, help="Behaviour checkpoint to use when the trajectories hold several.")
+@click.option("--clip", default=0.0, show_default=True, help="popi: PPO clip range for the ratio (0 = no clipping).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def build(model, data, store_path, checkpoint, split, dim, seed, mode, keep_ratio, dtype, params, device, batch_size,
-          flush_every, max_length, compressor, shard, quiet) -> None:
-    """Sketch the gradient of each row's response log-likelihood given its prompt."""
+          flush_every, max_length, compressor, shard, objective, trajectories, behaviour, clip, quiet) -> None:
+    """Sketch per-row gradients of an objective (sft or popi) into a store."""
     config = BuildConfig(
         model=model, data=data, store=store_path, checkpoint=checkpoint, split=split,
         spec=ProjectionSpec(dim=dim, seed=seed, mode=mode, keep_ratio=keep_ratio, dtype=dtype),
         params=tuple(p.strip() for p in params.split(",")) if params else None, device=device,
         batch_size=batch_size, flush_rows=flush_every, max_length=max_length, compressor=compressor,
-        shard=_parse_shard(shard))
+        shard=_parse_shard(shard), objective=objective, trajectories=trajectories, behaviour=behaviour, clip=clip)
     report = build_sketches(config, progress=not quiet)
     click.echo(f"{checkpoint}:{split}: {report.added} rows added, {report.skipped} already stored, "
-               f"{report.total} in data ({report.rows_per_second:.2f} rows/s)")
+               f"{report.total} in input ({report.rows_per_second:.2f} rows/s)")
 
 
 @main.command("score")

@@ -18,13 +18,16 @@ from tqdm import tqdm
 from .codecs import DEFAULT_COMPRESSOR
 from .data import read_rows
 from .errors import BadInputError, SpecMismatchError
-from .gradients import SFTObjective, load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
+from .gradients import Objective, SFTObjective, load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
+from .popi import POPIObjective, read_prompt_groups
 from .projection import make_projector
 from .spec import ProjectionSpec, param_spec_hash, stable_seed
 from .store import SketchBatch, SketchStore
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-+=@]+$")
 TEXT_COLUMNS = ("prompt", "response")
+NOT_METADATA = ("id", "group") + TEXT_COLUMNS
+OBJECTIVES = ("sft", "popi")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_FLUSH_ROWS = 256
 
@@ -47,7 +50,7 @@ class BuildConfig:
     """What ``build_sketches`` builds. ``spec.param_hash`` is filled in from the model."""
 
     model: Path
-    data: Path
+    data: Path | None
     store: Path
     checkpoint: str
     split: str
@@ -60,6 +63,9 @@ class BuildConfig:
     compressor: str = DEFAULT_COMPRESSOR
     shard: tuple[int, int] = (0, 1)
     objective: str = "sft"
+    trajectories: Path | None = None
+    behaviour: str | None = None
+    clip: float = 0.0
 
     def __post_init__(self) -> None:
         check_name(self.checkpoint, "checkpoint")
@@ -69,8 +75,12 @@ class BuildConfig:
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
             raise BadInputError(f"invalid shard {index}/{count}: need 0 <= I < N")
-        if self.objective != "sft":
-            raise BadInputError(f"unknown objective {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise BadInputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "popi" and self.trajectories is None:
+            raise BadInputError("the popi objective needs --trajectories (a rollout Parquet file)")
+        if self.objective == "sft" and self.data is None:
+            raise BadInputError("the sft objective needs --data (JSONL/Parquet with id, prompt, response)")
 
 
 @dataclass
@@ -86,7 +96,26 @@ class BuildReport:
 
 
 def _metadata(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "id" and k not in TEXT_COLUMNS}
+    return {k: v for k, v in row.items() if k not in NOT_METADATA}
+
+
+def _rows(config: BuildConfig) -> list[dict]:
+    """The rows to sketch: data rows (sft) or prompt groups of stored trajectories (popi)."""
+    if config.objective == "sft":
+        rows = read_rows(config.data, required=("id",) + TEXT_COLUMNS)
+    else:
+        rows = read_prompt_groups(config.trajectories, config.behaviour)
+        if config.data is not None:  # restrict to, and take metadata from, a data file
+            extra = {r["id"]: r for r in read_rows(config.data, required=("id",))}
+            rows = [{**{k: v for k, v in extra[r["id"]].items() if k not in NOT_METADATA}, **r}
+                    for r in rows if r["id"] in extra]
+    return [r for r in rows if in_shard(r["id"], config.shard)]
+
+
+def _objective(config: BuildConfig, tokenizer) -> Objective:
+    if config.objective == "popi":
+        return POPIObjective(clip=config.clip)
+    return SFTObjective(tokenizer, max_length=config.max_length)
 
 
 def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: str) -> None:
@@ -99,10 +128,10 @@ def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: st
 
 def build_sketches(config: BuildConfig, progress: bool = True,
                    on_part: Callable[[int], None] | None = None) -> BuildReport:
-    """Sketch every row of ``config.data`` not yet stored under (checkpoint, split)."""
+    """Sketch every row (sft: of ``config.data``; popi: each prompt of ``config.trajectories``)
+    not yet stored under (checkpoint, split)."""
     start = time.perf_counter()
-    rows = read_rows(config.data, required=("id",) + TEXT_COLUMNS)
-    rows = [r for r in rows if in_shard(r["id"], config.shard)]
+    rows = _rows(config)
     if (Path(config.store) / "zarr.json").exists():  # fail fast, before loading the model
         existing = SketchStore.open(config.store, writable=True).spec
         existing.check_compatible(replace(config.spec, param_hash=existing.param_hash), what=f"sketches for {config.store}")
@@ -116,7 +145,7 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     todo = [r for r in rows if r["id"] not in done]
     report = BuildReport(total=len(rows), skipped=len(rows) - len(todo), added=0, seconds=0.0)
     projector = make_projector(spec)
-    objective = SFTObjective(tokenizer, max_length=config.max_length)
+    objective = _objective(config, tokenizer)
     source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name}
     bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
     for lo in range(0, len(todo), config.flush_rows):

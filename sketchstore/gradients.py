@@ -24,11 +24,12 @@ IGNORE_INDEX = -100
 
 
 class Objective(Protocol):
-    """A per-row loss. ``loss`` returns (scalar loss, number of tokens it covers)."""
+    """A per-row loss. ``loss`` returns (scalar loss, number of tokens it covers); a loss of
+    None means the gradient is known to be exactly zero (no backward is run)."""
 
     name: str
 
-    def loss(self, model: nn.Module, row: dict) -> tuple[torch.Tensor, int]: ...
+    def loss(self, model: nn.Module, row: dict) -> tuple[torch.Tensor | None, int]: ...
 
 
 @dataclass
@@ -143,12 +144,13 @@ def per_example_gradients(model: nn.Module, objective: Objective, rows: Iterable
     for row in rows:
         model.zero_grad(set_to_none=True)
         loss, n_tokens = objective.loss(model, row)
-        if loss.requires_grad:
+        if loss is not None and loss.requires_grad:
             loss.backward()
         grads = {}
         for name, p in params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             grads[name] = g.detach().float().unsqueeze(0)
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-        yield GradientRow(row=row, grads=grads, n_tokens=n_tokens, loss=float(loss.detach()), grad_norm=norm)
+        yield GradientRow(row=row, grads=grads, n_tokens=n_tokens,
+                          loss=0.0 if loss is None else float(loss.detach()), grad_norm=norm)
     model.zero_grad(set_to_none=True)

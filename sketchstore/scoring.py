@@ -129,11 +129,25 @@ def score_block(block: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return block @ targets
 
 
+def _check_same_objective(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef]) -> None:
+    """Refuse to compare sketches of different objectives (e.g. POPI train rows vs SFT validation rows)."""
+    objectives = {}
+    for ref in (train, *vals):
+        table = store.manifest(ref.checkpoint, ref.split, columns=["objective"])
+        objectives[ref] = set(table.column("objective").to_pylist()) if "objective" in table.column_names else set()
+    mine = objectives[train]
+    for ref in vals:
+        if objectives[ref] and mine and objectives[ref] != mine:
+            raise BadInputError(f"{ref} was built with objective {'/'.join(sorted(objectives[ref]))} but {train} "
+                                f"with {'/'.join(sorted(mine))}; their sketches are not comparable")
+
+
 def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options: ScoreOptions = ScoreOptions(),
           progress: bool = True) -> ScoreReport:
     """Score every not-yet-scored row of ``train`` against each validation set; store the scores."""
     start = time.perf_counter()
     store.require(train.checkpoint, train.split)
+    _check_same_objective(store, train, vals)
     targets = [validation_target(store, ref, options) for ref in vals]
     done = [scored_ids(store, train, t, options) for t in targets]
     skip = set.intersection(*done) if done else set()

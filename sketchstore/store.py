@@ -50,7 +50,8 @@ LOCK_FILE = ".lock"
 ARRAY_NAME = "sketches"
 MANIFEST_NAME = "manifest.parquet"
 KEY_COLUMNS = ("id", "checkpoint", "split")
-RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens", "model_fingerprint")
+SOURCE_COLUMNS = ("model_fingerprint", "objective")
+RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens") + SOURCE_COLUMNS
 MIN_NORM = 1e-30
 PREFETCH_BLOCKS = 2
 
@@ -229,6 +230,7 @@ class SketchStore:
                 "row": list(range(n)), "grad_norm": [float(x) for x in batch.grad_norms],
                 "sketch_norm": sketch_norms.tolist(), "n_tokens": [int(x) for x in batch.n_tokens],
                 "model_fingerprint": [str((source or {}).get("fingerprint", ""))] * n,
+                "objective": [str((source or {}).get("objective", ""))] * n,
                 **_metadata_columns(batch.metadata, n),
             }
             table = pa.table(columns)

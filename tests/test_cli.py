@@ -27,7 +27,7 @@ def test_build_score_select_prune_ls_query(tiny_model, sft_data, tmp_path):
     store = tmp_path / "store"
     common = ["--model", tiny_model, "--store", store, "--checkpoint", "step0", "--dim", 1024, "--quiet"]
     out = run("build", *common, "--data", train, "--split", "train").stdout
-    assert "24 rows added, 0 already stored" in out
+    assert "24 rows added, 0 already stored, 24 in input" in out
     run("build", *common, "--data", val, "--split", "val")
     again = run("build", *common, "--data", train, "--split", "train").stdout
     assert "0 rows added, 24 already stored" in again

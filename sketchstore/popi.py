@@ -1,0 +1,154 @@
+"""POPI: the off-policy estimate of a prompt's policy gradient from stored trajectories.
+
+For prompt s with K trajectories y_1..y_K sampled by a behaviour policy beta, at the current
+policy theta (CROPI, arXiv 2510.26491, eq. for POPI):
+
+    L(s) = -(1/K) sum_i (1/|y_i|) sum_t rho_{i,t} A_i,
+    rho_{i,t} = exp(log pi_theta(y_{i,t} | s, y_{i,<t}) - log pi_beta(y_{i,t} | ...)),
+
+with A_i the GRPO group advantage stored with the trajectory. Its gradient is
+-(1/K) sum_i (1/|y_i|) sum_t rho_{i,t} A_i grad log pi_theta(y_{i,t}): the policy gradient
+reweighted by importance ratios, so no fresh rollouts are needed.
+
+Choices (documented in the README):
+- pi_theta is evaluated at the temperature the trajectory was sampled at (log_softmax of
+  logits / T), matching behaviour log-probs stored from the distribution actually sampled
+  (vLLM processed log-probs). The reference recomputes behaviour log-probs at T = 1 instead.
+  Trajectories sampled with top_p < 1 are refused: their behaviour probabilities are
+  renormalised over a nucleus that pi_theta would not see.
+- No clipping and no KL by default (as the reference). ``clip`` > 0 uses the PPO-clipped
+  surrogate min(rho A, clip(rho, 1-clip, 1+clip) A) per token instead of rho A.
+- A prompt whose K rewards are all equal has A = 0 for every trajectory: its gradient is
+  exactly zero, so it is stored as a zero-gradient row without a forward pass.
+- The K trajectories of a prompt go through one padded forward; one backward per prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from .errors import BadInputError
+
+TRAJECTORY_COLUMNS = ("prompt_id", "behaviour", "sample", "prompt_token_ids", "response_token_ids",
+                      "behaviour_logprobs", "temperature", "top_p", "reward", "advantage", "pass_rate", "zero_std")
+GROUP_METADATA = ("behaviour", "pass_rate", "zero_std")
+
+
+@dataclass
+class PromptGroup:
+    """The K stored trajectories of one prompt, as token ids and behaviour log-probs."""
+
+    prompt_id: str
+    prompt_token_ids: list[int]
+    responses: list[list[int]]
+    behaviour_logprobs: list[list[float]]
+    advantages: list[float]
+    rewards: list[float]
+    temperature: float
+    metadata: dict
+
+    @property
+    def zero_advantage(self) -> bool:
+        return all(a == 0 for a in self.advantages)
+
+
+def read_prompt_groups(path: str | os.PathLike, behaviour: str | None = None) -> list[dict]:
+    """Trajectories grouped by prompt, as build rows: ``{"id", "group": PromptGroup, metadata...}``."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"trajectories not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise BadInputError(f"{path}: not readable as Parquet trajectories ({err})") from err
+    missing = [c for c in TRAJECTORY_COLUMNS if c not in table.column_names]
+    if missing:
+        raise BadInputError(f"{path}: trajectories lack column(s) {', '.join(missing)}")
+    behaviours = set(table.column("behaviour").to_pylist())
+    if behaviour is None and len(behaviours) > 1:
+        raise BadInputError(f"{path}: trajectories of several behaviour policies ({', '.join(sorted(behaviours))}); pick one")
+    if behaviour is not None and behaviour not in behaviours:
+        raise BadInputError(f"{path}: no trajectories of behaviour {behaviour!r} (has {', '.join(sorted(behaviours))})")
+    groups: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        if behaviour is None or row["behaviour"] == behaviour:
+            groups.setdefault(str(row["prompt_id"]), []).append(row)
+    out = []
+    for prompt_id, rows in groups.items():
+        rows.sort(key=lambda r: r["sample"])
+        if any(r["top_p"] < 1.0 for r in rows):
+            raise BadInputError(f"{path}: prompt {prompt_id!r} was sampled with top_p < 1; POPI needs top_p = 1")
+        if len({r["temperature"] for r in rows}) != 1:
+            raise BadInputError(f"{path}: prompt {prompt_id!r} mixes sampling temperatures")
+        for r in rows:
+            if len(r["response_token_ids"]) != len(r["behaviour_logprobs"]):
+                raise BadInputError(f"{path}: prompt {prompt_id!r} sample {r['sample']}: token and log-prob counts differ")
+        rewards = [float(r["reward"]) for r in rows]
+        group = PromptGroup(
+            prompt_id=prompt_id, prompt_token_ids=list(rows[0]["prompt_token_ids"]),
+            responses=[list(r["response_token_ids"]) for r in rows],
+            behaviour_logprobs=[list(r["behaviour_logprobs"]) for r in rows],
+            advantages=[float(r["advantage"]) for r in rows], rewards=rewards,
+            temperature=float(rows[0]["temperature"]),
+            metadata={k: rows[0][k] for k in GROUP_METADATA})
+        out.append({"id": prompt_id, "group": group, "k": len(rows), "reward_mean": sum(rewards) / len(rewards),
+                    **group.metadata})
+    if not out:
+        raise BadInputError(f"{path}: no trajectories")
+    return out
+
+
+def token_logprobs(model: nn.Module, prompt: list[int], responses: list[list[int]], temperature: float) -> list[torch.Tensor]:
+    """log pi(y_t | prompt, y_<t) at ``temperature`` for each response, from one padded forward."""
+    device = next(model.parameters()).device
+    lengths = [len(prompt) + len(r) for r in responses]
+    width = max(lengths)
+    ids = torch.zeros(len(responses), width, dtype=torch.long)
+    mask = torch.zeros(len(responses), width, dtype=torch.long)
+    for i, response in enumerate(responses):
+        ids[i, :lengths[i]] = torch.tensor(prompt + response)
+        mask[i, :lengths[i]] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    out = []
+    for i, response in enumerate(responses):
+        start = len(prompt) - 1
+        step_logits = logits[i, start:start + len(response)] / temperature
+        targets = torch.tensor(response, device=device)
+        out.append(torch.log_softmax(step_logits, dim=-1).gather(1, targets[:, None]).squeeze(1))
+    return out
+
+
+class POPIObjective:
+    """Per-prompt POPI loss over stored trajectories (see the module docstring)."""
+
+    name = "popi"
+
+    def __init__(self, clip: float = 0.0) -> None:
+        if clip < 0:
+            raise BadInputError(f"clip must be >= 0, got {clip}")
+        self.clip = clip
+
+    def loss(self, model: nn.Module, row: dict) -> tuple[torch.Tensor | None, int]:
+        group: PromptGroup = row["group"]
+        n_tokens = sum(len(r) for r in group.responses)
+        kept = [i for i, r in enumerate(group.responses) if r and group.advantages[i] != 0]
+        if not kept:
+            return None, n_tokens
+        logps = token_logprobs(model, group.prompt_token_ids, [group.responses[i] for i in kept], group.temperature)
+        total = torch.zeros((), device=logps[0].device)
+        for i, logp in zip(kept, logps):
+            behaviour = torch.tensor(group.behaviour_logprobs[i], device=logp.device)
+            rho = torch.exp(logp - behaviour)
+            advantage = group.advantages[i]
+            surrogate = rho * advantage
+            if self.clip > 0:
+                surrogate = torch.minimum(surrogate, rho.clamp(1 - self.clip, 1 + self.clip) * advantage)
+            total = total + surrogate.mean()
+        return -total / len(group.responses), n_tokens
