@@ -14,7 +14,7 @@ from typing import Iterable
 from .errors import BadInputError, SpecMismatchError
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-PROJECTION_MODES = ("sparse", "dense")
+PROJECTION_MODES = ("sparse", "dense", "factored")
 DEFAULT_DIM = 8192
 DEFAULT_SEED = 0
 DEFAULT_KEEP_RATIO = 1.0
@@ -37,7 +37,8 @@ class ProjectionSpec:
     """How gradients become sketches.
 
     dim: sketch length k. seed: base seed; each parameter's projection is seeded from
-    (seed, parameter name). mode: ``sparse`` (+-1 hashing) or ``dense`` (Gaussian).
+    (seed, parameter name). mode: ``sparse`` (+-1 hashing), ``dense`` (Gaussian) or ``factored`` (per-layer
+    Kronecker projections computed from activations and output gradients, see factored.py).
     keep_ratio: fraction of gradient coordinates kept before projecting (paper: ~0.1).
     dtype: storage dtype of sketches (they are always accumulated in float32).
     param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
