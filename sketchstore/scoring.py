@@ -157,8 +157,8 @@ def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options
     columns: list[dict[str, list]] = [{"id": [], "score": []} for _ in targets]
     bar = tqdm(total=n_train - len(skip), desc=f"score {train}", unit="row", disable=not progress)
     unit = options.metric == "cosine"
-    for ids, block in store.iter_blocks(train.checkpoint, train.split, exclude=skip, unit=unit):
-        scores = score_block(block, matrix)
+    for ids, scores in store.iter_blocks(train.checkpoint, train.split, exclude=skip, unit=unit,
+                                         transform=lambda block: score_block(block, matrix)):
         for j, col in enumerate(columns):
             fresh = [i for i, key in enumerate(ids) if key not in done[j]] if done[j] else range(len(ids))
             col["id"].extend(ids[i] for i in fresh)

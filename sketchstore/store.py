@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,7 @@ KEY_COLUMNS = ("id", "checkpoint", "split")
 SOURCE_COLUMNS = ("model_fingerprint", "objective")
 RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens") + SOURCE_COLUMNS
 MIN_NORM = 1e-30
-PREFETCH_BLOCKS = 2
+READER_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -374,30 +374,34 @@ class SketchStore:
             plan.extend((part, rows[lo:lo + block_rows]) for lo in range(0, len(rows), block_rows))
         return plan
 
-    def _load(self, part: str, rows: list[tuple[int, str, float]], unit: bool) -> tuple[list[str], torch.Tensor]:
+    def _load(self, part: str, rows: list[tuple[int, str, float]], unit: bool,
+              transform: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[list[str], torch.Tensor]:
         first, last = rows[0][0], rows[-1][0] + 1
         data = self.read_rows(part, first, last)
         if len(rows) != last - first:
             data = data.index_select(0, torch.tensor([r - first for r, _, _ in rows]))
         if not unit:
             data.mul_(torch.tensor([norm for _, _, norm in rows], dtype=torch.float32)[:, None])
-        return [key for _, key, _ in rows], data
+        return [key for _, key, _ in rows], data if transform is None else transform(data)
 
     def iter_blocks(self, checkpoint: str, split: str, exclude: set[str] | None = None,
-                    block_rows: int | None = None, unit: bool = False) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Stream (ids, float32 sketches) for (checkpoint, split), one block at a time.
+                    block_rows: int | None = None, unit: bool = False,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Stream (ids, float32 sketches) for (checkpoint, split), one block at a time, in order.
 
-        Memory is bounded by ``block_rows`` rows (default: the chunk size) times the prefetch
-        depth; rows in ``exclude`` are skipped. ``unit=True`` yields rows as stored (x/|x|).
-        The next block is read and decoded in a background thread while this one is used.
+        Memory is bounded by ``block_rows`` rows (default: the chunk size) times the number of
+        reader threads; rows in ``exclude`` are skipped. ``unit=True`` yields rows as stored
+        (x/|x|). Blocks are read, decoded and passed through ``transform`` (e.g. a product with
+        score targets) in background threads, so decoding overlaps with use.
         """
         plan = self._plan(checkpoint, split, exclude, block_rows or self.info.chunk_rows)
-        with ThreadPoolExecutor(max_workers=PREFETCH_BLOCKS) as pool:
-            pending = [pool.submit(self._load, part, rows, unit) for part, rows in plan[:PREFETCH_BLOCKS]]
+        with ThreadPoolExecutor(max_workers=READER_THREADS) as pool:
+            pending = [pool.submit(self._load, part, rows, unit, transform) for part, rows in plan[:READER_THREADS]]
             for index in range(len(plan)):
-                nxt = index + PREFETCH_BLOCKS
+                nxt = index + READER_THREADS
                 if nxt < len(plan):
-                    pending.append(pool.submit(self._load, *plan[nxt], unit))
+                    pending.append(pool.submit(self._load, *plan[nxt], unit, transform))
                 yield pending.pop(0).result()
 
     def read(self, checkpoint: str, split: str, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
