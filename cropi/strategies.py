@@ -1,0 +1,62 @@
+"""Which prompts a stage trains on: CROPI's influence selection and the paper's baselines.
+
+Every strategy maps (pool ids, facts about them) to the ids of one stage:
+
+- ``full``: the whole pool (plain GRPO).
+- ``random``: a seeded random fraction, drawn once (the same subset every stage).
+- ``learnability``: the top fraction by p(1 - p), p = the behaviour policy's pass rate
+  (prompts the policy solves about half the time teach it most, per the learnability
+  heuristic); ties broken by id.
+- ``pass-rate``: a seeded random fraction among prompts with 0 < p < 1 (all of them if fewer).
+- ``influence-once``: CROPI's influence selection made at stage 0 and kept (no curriculum).
+- ``cropi``: influence selection re-made at every stage at the current checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Mapping, Sequence
+
+from sketchstore.errors import BadInputError
+
+STRATEGIES = ("cropi", "full", "random", "learnability", "pass-rate", "influence-once")
+INFLUENCE_STRATEGIES = ("cropi", "influence-once")
+
+
+def count_for(fraction: float, total: int) -> int:
+    """How many prompts a fraction of ``total`` selects (at least one)."""
+    if not 0 < fraction <= 1:
+        raise BadInputError(f"selection fraction must be in (0, 1], got {fraction}")
+    return max(1, round(fraction * total))
+
+
+def random_subset(ids: Sequence[str], fraction: float, seed: int) -> list[str]:
+    return random.Random(seed).sample(sorted(ids), count_for(fraction, len(ids)))
+
+
+def learnability(ids: Sequence[str], pass_rates: Mapping[str, float], fraction: float) -> list[str]:
+    ranked = sorted(ids, key=lambda i: (-pass_rates[i] * (1 - pass_rates[i]), i))
+    return ranked[:count_for(fraction, len(ids))]
+
+
+def pass_rate_filter(ids: Sequence[str], pass_rates: Mapping[str, float], fraction: float, seed: int) -> list[str]:
+    informative = sorted(i for i in ids if 0 < pass_rates[i] < 1)
+    want = count_for(fraction, len(ids))
+    return informative if len(informative) <= want else random.Random(seed).sample(informative, want)
+
+
+def static_selection(strategy: str, ids: Sequence[str], pass_rates: Mapping[str, float], fraction: float,
+                     seed: int) -> list[str]:
+    """The fixed subset of a non-influence strategy."""
+    if strategy == "full":
+        return list(ids)
+    if strategy == "random":
+        return random_subset(ids, fraction, seed)
+    missing = [i for i in ids if i not in pass_rates]
+    if missing:
+        raise BadInputError(f"no behaviour pass rate for prompt {missing[0]!r} (needed by {strategy})")
+    if strategy == "learnability":
+        return learnability(ids, pass_rates, fraction)
+    if strategy == "pass-rate":
+        return pass_rate_filter(ids, pass_rates, fraction, seed)
+    raise BadInputError(f"{strategy!r} is not a static strategy; choose one of {', '.join(STRATEGIES)}")
