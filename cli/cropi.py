@@ -1,0 +1,126 @@
+"""The ``cropi`` command: curriculum RL with off-policy influence, one subcommand per step.
+
+``rollout`` samples behaviour-policy trajectories with vLLM. Other steps (``train``,
+``compare``, ...) are added as further subcommands of :func:`main`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import one_line_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Curriculum RL with off-policy influence (CROPI)."""
+
+
+@main.command("rollout")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Behaviour policy: local HF checkpoint directory.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Tasks (.jsonl/.json/.parquet) with id, prompt, answer.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Trajectory store (directory of Parquet parts; DuckDB: read_parquet('OUT/part-*.parquet')).")
+@click.option("--n", "n", required=True, type=int, help="Samples per prompt (K >= 1).")
+@click.option("--max-tokens", default=256, show_default=True, type=int, help="Response token limit.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int, help="Run seed (each sample gets a seed derived from it).")
+@click.option("--behaviour", default=None, help="Name recorded with every row [default: the model directory's name].")
+@click.option("--prompts-per-call", default=32, show_default=True, type=int, help="Prompts per engine call and per committed part.")
+@click.option("--reward", default="math_verify", show_default=True, help="Reward function name.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="vLLM dtype (auto: the checkpoint's dtype on CPU, vLLM's choice on GPU).")
+@click.option("--max-model-len", default=None, type=int, help="Context limit [default: the model's].")
+@click.option("--threads", default=None, type=int,
+              help="CPU engine threads [default: OMP_NUM_THREADS, else 1 (steadiest on shared cores)].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def rollout_cmd(model, data, out, n, max_tokens, temperature, top_p, seed, behaviour, prompts_per_call, reward, device,
+                dtype, max_model_len, threads, quiet) -> None:
+    """Sample K responses per prompt with the behaviour policy; store tokens, logprobs, rewards, advantages.
+
+    Re-running the same command resumes: prompts that already have K samples for this
+    behaviour are skipped; finished groups are committed as they complete.
+    """
+    from cropi.rollout import RolloutConfig, run_rollouts
+
+    config = RolloutConfig(model=model, data=data, out=out, n=n, max_tokens=max_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, behaviour=behaviour, prompts_per_call=prompts_per_call,
+                           reward=reward, device=device, dtype=dtype, max_model_len=max_model_len,
+                           threads=threads)
+    report = run_rollouts(config, progress=not quiet)
+    click.echo(report.summary())
+
+
+if __name__ == "__main__":
+    main()
+
+
+# --------------------------------------------------------------------------------------
+# grpo (cropi/trainer.py): the "full pool" GRPO baseline
+# --------------------------------------------------------------------------------------
+
+
+def _eval_sets_option(values) -> dict:
+    """``--eval FILE`` or ``--eval NAME=FILE`` (repeatable) -> {name: path}."""
+    sets = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).stem, value
+        if name in sets:
+            raise click.BadParameter(f"eval set name {name!r} given twice", param_hint="--eval")
+        sets[name] = Path(path)
+    return sets
+
+
+@main.command("grpo")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Initial policy: local HF checkpoint directory.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training tasks (the whole file is the pool).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (log.jsonl, plots, checkpoints/).")
+@click.option("--steps", required=True, type=int, help="Total GRPO steps.")
+@click.option("--prompts-per-step", default=16, show_default=True, type=int)
+@click.option("--n", "n", default=8, show_default=True, type=int, help="Samples per prompt (K >= 2).")
+@click.option("--max-tokens", default=48, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--lr", default=2e-4, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimiser update.")
+@click.option("--clip", "clip_low", default=0.2, show_default=True, type=float, help="PPO clip epsilon (low side).")
+@click.option("--clip-high", default=None, type=float, help="Upper clip epsilon [default: --clip].")
+@click.option("--kl-coef", default=0.0, show_default=True, type=float, help="k3 KL to the initial policy.")
+@click.option("--loss-agg", default="token-mean", show_default=True, type=click.Choice(["token-mean", "seq-mean-token-mean"]))
+@click.option("--eval", "eval_sets", multiple=True, help="Held-out tasks: FILE or NAME=FILE (repeatable).")
+@click.option("--eval-every", default=10, show_default=True, type=int, help="Steps between evaluations (0: start/end only).")
+@click.option("--eval-n", default=128, show_default=True, type=int, help="Rows used per eval set.")
+@click.option("--eval-samples", default=4, show_default=True, type=int, help="Samples per eval prompt for sampled pass@1.")
+@click.option("--save-every", default=20, show_default=True, type=int, help="Periodic checkpoints (0: final only).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--threads", default=None, type=int, help="CPU torch threads [default: OMP_NUM_THREADS, else 1].")
+@click.option("--reward", default="math_verify", show_default=True, help="Reward function name.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (if any).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def grpo_cmd(model, data, out, steps, prompts_per_step, n, max_tokens, temperature, lr, weight_decay, grad_accum,
+             clip_low, clip_high, kl_coef, loss_agg, eval_sets, eval_every, eval_n, eval_samples, save_every, seed,
+             device, dtype, threads, reward, resume, quiet) -> None:
+    """GRPO on every prompt of --data (the full-pool baseline), evaluating on --eval sets.
+
+    Writes OUT/log.jsonl, accuracy plots and HF checkpoints (OUT/checkpoints/final at the end).
+    """
+    from cropi.trainer import TrainConfig, latest_checkpoint, train_grpo
+
+    config = TrainConfig(model=model, out=out, train=data, eval_sets=_eval_sets_option(eval_sets), steps=steps,
+                         prompts_per_step=prompts_per_step, n=n, max_tokens=max_tokens, temperature=temperature,
+                         lr=lr, weight_decay=weight_decay, grad_accum=grad_accum, clip_low=clip_low,
+                         clip_high=clip_high, kl_coef=kl_coef, loss_agg=loss_agg, eval_every=eval_every,
+                         eval_n=eval_n, eval_samples=eval_samples, save_every=save_every, seed=seed, device=device,
+                         dtype=dtype, threads=threads, reward=reward,
+                         resume=bool(resume and latest_checkpoint(out) is not None))
+    click.echo(train_grpo(config, progress=not quiet)["line"])
