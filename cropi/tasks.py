@@ -1,0 +1,579 @@
+"""Offline verifiable math tasks: a seeded generator plus readers/writers.
+
+Every task row is a dict with (at least) these keys::
+
+    id          stable string id, unique within a file / generated set
+    prompt      the question text
+    answer      canonical answer string (for generated tasks: an exact integer)
+    response    reference solution (the SFT target). Generated tasks always end with
+                ``"The answer is <answer>."`` (see :data:`ANSWER_TEMPLATE`); rows read from
+                GSM8K files are converted to that format, MATH rows keep their ``\\boxed{}``
+                solution, native rows keep whatever they carry ("" when absent).
+    difficulty  int (0 = unknown)
+    family      str ("arith", "word", "gsm8k", "math/<type>", ...)
+
+Generated sets are deterministic in ``seed`` and item ``i`` is drawn from its own RNG, so
+``generate_tasks(10, s, d)`` is a prefix of ``generate_tasks(20, s, d)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from sketchstore.errors import BadInputError
+
+__all__ = [
+    "ANSWER_TEMPLATE",
+    "FAMILIES",
+    "TASK_COLUMNS",
+    "format_final_answer",
+    "generate_tasks",
+    "generate_arith",
+    "generate_word",
+    "arith_level",
+    "word_level",
+    "read_tasks",
+    "write_tasks",
+    "normalize_rows",
+    "extract_boxed",
+    "stable_id",
+]
+
+ANSWER_TEMPLATE = "The answer is {answer}."
+FAMILIES = ("arith", "word")
+TASK_COLUMNS = ("id", "prompt", "answer", "response", "difficulty", "family")
+
+
+def format_final_answer(answer: object) -> str:
+    """The fixed final-answer sentence every generated reference solution ends with."""
+    return ANSWER_TEMPLATE.format(answer=answer)
+
+
+def _item_rng(seed: int, i: int, salt: str = "") -> random.Random:
+    digest = hashlib.blake2b(f"cropi-task:{salt}:{seed}:{i}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+# --------------------------------------------------------------------------------------
+# Arithmetic expressions
+# --------------------------------------------------------------------------------------
+
+# Expression tree: an int leaf, or a tuple (op, left, right).
+_PREC = {"+": 1, "-": 1, "*": 2}
+
+
+def arith_level(difficulty: int) -> dict[str, Any]:
+    """Size parameters of arithmetic tasks at ``difficulty`` (>= 1).
+
+    operands: number of operands; digits: max digits of an operand; mul_digits: max digits
+    of an operand that is a direct factor of ``*``; ops: operators allowed.
+    """
+    if difficulty < 1:
+        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+    table = {
+        1: (2, 1, 1, "+-"),
+        2: (2, 2, 1, "+-*"),
+        3: (3, 2, 1, "+-*"),
+        4: (3, 2, 2, "+-*"),
+        5: (4, 3, 2, "+-*"),
+    }
+    operands, digits, mul_digits, ops = table.get(difficulty, (difficulty - 1, 3, 2, "+-*"))
+    return {"operands": operands, "digits": digits, "mul_digits": mul_digits, "ops": ops}
+
+
+def _rand_num(rng: random.Random, digits: int) -> int:
+    # 1 digit: 1..9 ; d digits: 1..10**d-1 (biased towards using all digits)
+    if digits <= 1 or rng.random() < 0.25:
+        return rng.randint(1, 9)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def _random_tree(rng: random.Random, n: int, ops: str):
+    if n == 1:
+        return None  # placeholder leaf
+    k = rng.randint(1, n - 1)
+    return (rng.choice(ops), _random_tree(rng, k, ops), _random_tree(rng, n - k, ops))
+
+
+def _fill_leaves(rng: random.Random, node, digits: int, mul_digits: int, parent_op: str | None = None):
+    if node is None:
+        return _rand_num(rng, mul_digits if parent_op == "*" else digits)
+    op, left, right = node
+    return (op, _fill_leaves(rng, left, digits, mul_digits, op), _fill_leaves(rng, right, digits, mul_digits, op))
+
+
+def _eval_tree(node) -> int:
+    if isinstance(node, int):
+        return node
+    op, left, right = node
+    a, b = _eval_tree(left), _eval_tree(right)
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    return a * b
+
+
+def _render(node, parent_op: str | None = None, right_side: bool = False) -> str:
+    if isinstance(node, int):
+        return str(node) if node >= 0 else f"({node})"
+    op, left, right = node
+    text = f"{_render(left, op, False)} {op} {_render(right, op, True)}"
+    if parent_op is not None:
+        p, pp = _PREC[op], _PREC[parent_op]
+        if p < pp or (p == pp and right_side and parent_op == "-"):
+            text = f"({text})"
+    return text
+
+
+def _parse_expr(text: str):
+    """Parse a rendered expression back into a left-associative tree (conventional order)."""
+    toks = re.findall(r"\d+|[-+*()]", text)
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def atom():
+        t = take()
+        if t == "(":
+            if peek() == "-":  # parenthesised negative number
+                take()
+                v = -int(take())
+                take()
+                return v
+            node = expr()
+            take()
+            return node
+        return int(t)
+
+    def term():
+        node = atom()
+        while peek() == "*":
+            take()
+            node = ("*", node, atom())
+        return node
+
+    def expr():
+        node = term()
+        while peek() in ("+", "-"):
+            op = take()
+            node = (op, node, term())
+        return node
+
+    return expr()
+
+
+def _reduce_once(node):
+    """Evaluate the leftmost operation whose operands are both numbers."""
+    op, left, right = node
+    if isinstance(left, int) and isinstance(right, int):
+        return _eval_tree(node)
+    if not isinstance(left, int):
+        return (op, _reduce_once(left), right)
+    return (op, left, _reduce_once(right))
+
+
+def _arith_solution(tree) -> tuple[str, int]:
+    steps = [_render(tree)]
+    node = tree
+    while not isinstance(node, int):
+        node = _reduce_once(node)
+        steps.append(_render(node).strip("()") if isinstance(node, int) else _render(node))
+    answer = node
+    return f"{' = '.join(steps)}. {format_final_answer(answer)}", answer
+
+
+def generate_arith(rng: random.Random, difficulty: int) -> dict[str, Any]:
+    """One arithmetic task (without id) at ``difficulty``."""
+    lv = arith_level(difficulty)
+    shape = _random_tree(rng, lv["operands"], lv["ops"])
+    tree = _fill_leaves(rng, shape, lv["digits"], lv["mul_digits"])
+    if isinstance(tree, int):  # operands == 1 never happens for difficulty >= 1, be safe
+        tree = ("+", tree, _rand_num(rng, lv["digits"]))
+    expr = _render(tree)
+    # Re-parse so the worked solution follows the conventional (left-to-right) order.
+    tree = _parse_expr(expr)
+    assert _render(tree) == expr
+    response, answer = _arith_solution(tree)
+    return {
+        "prompt": f"What is {expr}?",
+        "answer": str(answer),
+        "response": response,
+        "difficulty": int(difficulty),
+        "family": "arith",
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Templated word problems
+# --------------------------------------------------------------------------------------
+
+_NAMES = [
+    ("Tom", "He"), ("Anna", "She"), ("Ben", "He"), ("Mia", "She"), ("Sam", "He"),
+    ("Lily", "She"), ("Max", "He"), ("Emma", "She"), ("Leo", "He"), ("Zoe", "She"),
+    ("Jack", "He"), ("Nora", "She"),
+]
+_FRIENDS = ["a friend", "{poss} sister", "{poss} brother", "a neighbor", "the teacher", "a classmate"]
+_ITEMS = ["apples", "marbles", "stickers", "coins", "books", "pencils", "cookies", "stamps",
+          "cards", "shells", "eggs", "toy cars"]
+_CONTAINERS = ["bags", "boxes", "packs", "jars", "baskets"]
+
+
+def word_level(difficulty: int) -> dict[str, Any]:
+    """Size parameters of word problems: steps (operations after the start) and max number."""
+    if difficulty < 1:
+        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+    table = {1: (1, 9, False), 2: (2, 20, False), 3: (2, 50, True), 4: (3, 99, True)}
+    steps, max_num, rich = table.get(difficulty, (min(difficulty - 1, 6), 999, True))
+    return {"steps": steps, "max_num": max_num, "rich_ops": rich}
+
+
+def generate_word(rng: random.Random, difficulty: int) -> dict[str, Any]:
+    """One multi-step word problem (without id) at ``difficulty``."""
+    lv = word_level(difficulty)
+    name, pron = rng.choice(_NAMES)
+    friends = [f.format(poss="his" if pron == "He" else "her") for f in _FRIENDS]
+    item = rng.choice(_ITEMS)
+    hi = lv["max_num"]
+    cur = rng.randint(1, hi)
+    sentences = [f"{name} has {cur} {item}."]
+    work: list[str] = []
+    kinds = ["add", "sub"] + (["bags", "double", "split"] if lv["rich_ops"] else [])
+    for _ in range(lv["steps"]):
+        kind = rng.choice(kinds)
+        if kind == "sub" and cur < 1:
+            kind = "add"
+        if kind == "split":
+            divisors = [k for k in range(2, 6) if cur % k == 0 and cur > 0]
+            if not divisors:
+                kind = "add"
+        if kind == "add":
+            b = rng.randint(1, hi)
+            verb = rng.choice(["buys {b} more", "finds {b} more", "gets {b} more from " + rng.choice(friends)])
+            sentences.append(f"{pron} {verb.format(b=b)}.")
+            work.append(f"{cur} + {b} = {cur + b}.")
+            cur += b
+        elif kind == "sub":
+            b = rng.randint(1, cur)
+            verb = rng.choice(["gives {b} to " + rng.choice(friends), "loses {b}", "sells {b}"])
+            sentences.append(f"{pron} {verb.format(b=b)}.")
+            work.append(f"{cur} - {b} = {cur - b}.")
+            cur -= b
+        elif kind == "bags":
+            k = rng.randint(2, 5)
+            b = rng.randint(1, min(hi, 20))
+            cont = rng.choice(_CONTAINERS)
+            sentences.append(f"{pron} buys {k} {cont} with {b} {item} each.")
+            work.append(f"{k} * {b} = {k * b}. {cur} + {k * b} = {cur + k * b}.")
+            cur += k * b
+        elif kind == "double":
+            sentences.append(f"Then the number of {item} {pron.lower()} has doubles.")
+            work.append(f"{cur} * 2 = {cur * 2}.")
+            cur *= 2
+        else:  # split
+            k = rng.choice(divisors)
+            sentences.append(f"{pron} splits them equally into {k} boxes and keeps one box.")
+            work.append(f"{cur} / {k} = {cur // k}.")
+            cur //= k
+    sentences.append(f"How many {item} does {name} have now?")
+    return {
+        "prompt": " ".join(sentences),
+        "answer": str(cur),
+        "response": f"{' '.join(work)} {format_final_answer(cur)}",
+        "difficulty": int(difficulty),
+        "family": "word",
+    }
+
+
+_GENERATORS = {"arith": generate_arith, "word": generate_word}
+
+
+def _difficulties(difficulty: int | range | Sequence[int]) -> list[int]:
+    if isinstance(difficulty, bool):
+        raise ValueError("difficulty must be an int, range or list of ints")
+    if isinstance(difficulty, int):
+        levels = [difficulty]
+    else:
+        levels = [int(d) for d in difficulty]
+    if not levels:
+        raise ValueError("difficulty range/list is empty")
+    for d in levels:
+        if d < 1:
+            raise ValueError(f"difficulty must be >= 1, got {d}")
+    return levels
+
+
+def generate_tasks(
+    n: int,
+    seed: int,
+    difficulty: int | range | Sequence[int] = range(1, 4),
+    families: Sequence[str] | str = FAMILIES,
+) -> list[dict[str, Any]]:
+    """``n`` generated tasks, deterministic in ``seed``.
+
+    difficulty: one level or a collection of levels (each item draws one uniformly).
+    families: ``"arith"``, ``"word"`` or a list of them (each item draws one uniformly).
+    Row ``i`` gets id ``f"{family}-{seed}-{i}"``. Arithmetic prompts are ``"What is <expr>?"``.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    fams = [families] if isinstance(families, str) else list(families)
+    if not fams:
+        raise ValueError("families is empty")
+    for f in fams:
+        if f not in _GENERATORS:
+            raise ValueError(f"unknown task family {f!r}; known: {sorted(_GENERATORS)}")
+    levels = _difficulties(difficulty)
+    rows = []
+    for i in range(n):
+        rng = _item_rng(seed, i)
+        fam = fams[0] if len(fams) == 1 else rng.choice(fams)
+        level = levels[0] if len(levels) == 1 else rng.choice(levels)
+        row = _GENERATORS[fam](rng, level)
+        rows.append({"id": f"{fam}-{seed}-{i}", **row})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Readers / writers
+# --------------------------------------------------------------------------------------
+
+
+def stable_id(prompt: str) -> str:
+    """Id derived from the prompt text (same in every process)."""
+    return "h-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""Content of the last ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, nested braces handled.
+
+    Also accepts the brace-less form ``\boxed 5``. Returns None when absent/unbalanced.
+    """
+    best = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
+        if m.group(1) is None:
+            tail = re.match(r"\s*([^\s$]+)", text[m.end():])
+            if tail:
+                best = tail.group(1)
+            continue
+        depth, start = 1, m.end()
+        j = start
+        while j < len(text) and depth:
+            c = text[j]
+            if c == "\\" and j + 1 < len(text):
+                j += 2
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+            j += 1
+        if depth == 0:
+            best = text[start : j - 1].strip()
+    return best
+
+
+_GSM_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def _gsm8k_answer(text: str) -> tuple[str, str] | None:
+    if "####" not in text:
+        return None
+    body, _, final = text.rpartition("####")
+    final = final.strip().replace(",", "").replace("$", "").strip()
+    if not final:
+        return None
+    body = _GSM_CALC.sub("", body).strip()
+    response = f"{body}\n{format_final_answer(final)}" if body else format_final_answer(final)
+    return final, response
+
+
+def _as_int(v: Any, default: int = 0) -> int:
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int,)):
+        return v
+    if isinstance(v, float):
+        return int(v) if v == v else default
+    m = re.search(r"-?\d+", str(v))
+    return int(m.group()) if m else default
+
+
+def _answer_str(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> list[dict[str, Any]]:
+    """Turn rows in native / GSM8K / MATH layout into task rows (see module docstring).
+
+    The layout is decided from the columns of the first row: ``prompt`` + ``answer``
+    (native), ``question`` + ``answer`` (GSM8K, ``#### 42``), ``problem`` + ``solution``
+    (MATH, ``\\boxed{}``). Raises BadInputError naming ``source`` on problems.
+    """
+    if not raw:
+        raise BadInputError(f"{source}: no rows")
+    cols = set(raw[0].keys())
+    if {"prompt", "answer"} <= cols:
+        layout = "native"
+    elif {"question", "answer"} <= cols:
+        layout = "gsm8k"
+    elif {"problem", "solution"} <= cols:
+        layout = "math"
+    else:
+        raise BadInputError(
+            f"{source}: missing required columns: need prompt+answer, question+answer (GSM8K) "
+            f"or problem+solution (MATH); found {sorted(cols)}"
+        )
+    need = {"native": ("prompt", "answer"), "gsm8k": ("question", "answer"), "math": ("problem", "solution")}[layout]
+    out: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    derived_count: dict[str, int] = {}
+    for k, r in enumerate(raw):
+        for c in need:
+            if c not in r or r[c] is None:
+                raise BadInputError(f"{source}: row {k} is missing required column {c!r} ({layout} layout)")
+        extra = {c: v for c, v in r.items() if c not in TASK_COLUMNS and c not in need}
+        if layout == "native":
+            prompt = str(r["prompt"])
+            answer = _answer_str(r["answer"])
+            response = "" if r.get("response") is None else str(r["response"])
+            family = str(r.get("family") or "native")
+            difficulty = _as_int(r.get("difficulty"))
+        elif layout == "gsm8k":
+            prompt = str(r["question"])
+            parsed = _gsm8k_answer(str(r["answer"]))
+            if parsed is None:
+                raise BadInputError(f"{source}: row {k}: GSM8K answer has no final '#### <number>'")
+            answer, response = parsed
+            family = str(r.get("family") or "gsm8k")
+            difficulty = _as_int(r.get("difficulty"))
+        else:
+            prompt = str(r["problem"])
+            solution = str(r["solution"])
+            boxed = extract_boxed(solution)
+            if r.get("answer") not in (None, ""):
+                answer = _answer_str(r["answer"])
+            elif boxed is None:
+                raise BadInputError(f"{source}: row {k}: MATH solution has no \\boxed{{...}} answer")
+            else:
+                answer = boxed
+            response = solution
+            typ = r.get("type") or r.get("subject")
+            family = str(r.get("family") or (f"math/{typ}" if typ else "math"))
+            difficulty = _as_int(r.get("difficulty", r.get("level")))
+            extra = {c: v for c, v in extra.items() if c not in ("answer",)}
+        if not answer:
+            raise BadInputError(f"{source}: row {k}: empty answer")
+        if r.get("id") not in (None, ""):
+            rid = str(r["id"])
+        else:
+            base = stable_id(prompt)
+            nth = derived_count.get(base, 0)
+            derived_count[base] = nth + 1
+            rid = base if nth == 0 else f"{base}-{nth}"
+        if rid in seen:
+            raise BadInputError(f"{source}: duplicate id {rid!r} (rows {seen[rid]} and {k})")
+        seen[rid] = k
+        extra.pop("id", None)
+        out.append({"id": rid, "prompt": prompt, "answer": answer, "response": response,
+                    "difficulty": difficulty, "family": family, **extra})
+    return out
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInputError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise BadInputError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(obj)
+    return rows
+
+
+def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read tasks from ``.jsonl`` / ``.json`` / ``.parquet`` (any of the supported layouts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{p}: task file does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        raw = _read_json_lines(p)
+    elif suffix == ".json":
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+            raise BadInputError(f"{p}: expected a JSON list of objects")
+        raw = obj
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            raw = pq.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise BadInputError(f"{p}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    else:
+        raise BadInputError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl, .json or .parquet)")
+    return normalize_rows(raw, str(p))
+
+
+def write_tasks(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write task rows to ``.jsonl`` or ``.parquet`` (atomically: temp file + rename)."""
+    p = Path(path)
+    rows = list(rows)
+    suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".parquet", ".pq"):
+        raise BadInputError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl or .parquet)")
+    ids = [r.get("id") for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BadInputError(f"{p}: refusing to write duplicate id {dup!r}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            keys: dict[str, None] = {}
+            for r in rows:
+                keys.update(dict.fromkeys(r))
+            table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+            pq.write_table(table, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
