@@ -31,34 +31,41 @@ coordinate ``i`` of a parameter goes to bucket ``h(i)`` in ``[0, k)`` with sign
 ``h(i) + k * [s(i) < 0]`` (int16 for k <= 16383, else int32, i.e. 2 bytes per
 coordinate), and the projection is a single ``index_add_`` of the raw float32 values
 into a (B, 2k) accumulator followed by ``acc[:, :k] - acc[:, k:]``: the signs cost no
-multiply pass and no extra memory traffic. Inputs in fp16/bf16 are cast to float32
-per chunk (2**18 coordinates x rows) and accumulated in float32. Each example row is
+multiply pass and no extra memory traffic. Inputs in fp16/bf16/fp64 are cast to float32
+chunk by chunk (at most 2**22 values) and accumulated in float32. Each example row is
 accumulated independently in a fixed order, so a row's sketch does not depend on the
 batch it was in, nor on the thread count.
 
 Why not a cheaper "fold" (bucket = i mod k with random signs, a reshape-and-sum that
-runs ~1.5x faster)? Its estimates are unbiased but its collisions are deterministic,
-and transformer weight gradients are structured: row-major (out, in) matrices whose
-per-example gradient is a sum of outer products, with a few input features (columns)
-carrying most of the energy ("massive activations"). Whenever ``in`` shares a large
-power of two with k, a whole column folds onto a handful of buckets. The variance of a
-CountSketch inner product is sum_{i != j} P[h(i) = h(j)] (x_i^2 y_j^2 + x_i y_i x_j y_j):
-only pairwise collision probabilities matter, and fully random buckets make every
-pair collide with probability exactly 1/k, whatever the structure of the gradient.
-Measured in benchmarks/README.md: on gradients of a small Qwen2 with one outlier
-hidden feature the fold's cosine error was several times that of the random
-CountSketch and of a dense Gaussian, while the random CountSketch stays at (or below)
-the dense Gaussian's error for every gradient we tried. The random version reaches
-~2e9 coordinates/s at k = 8192 on 2 CPU cores, well above the 5e8 target, so the
-honest design costs little.
+is ~1.3x faster at 2 threads and ~2.8x faster per core)? Its estimates are unbiased but
+its collisions are deterministic, and transformer weight gradients are structured:
+row-major (out, in) matrices whose per-example gradient is a sum of outer products, with
+a few input features (columns) carrying most of the energy ("massive activations").
+Whenever ``in`` shares a large power of two with k, a whole column folds onto a handful
+of buckets. The variance of a CountSketch inner product is
+sum_{i != j} P[h(i) = h(j)] (x_i^2 y_j^2 + x_i y_i x_j y_j): only pairwise collision
+probabilities matter, and fully random buckets make every pair collide with probability
+exactly 1/k, whatever the structure of the gradient. Measured (benchmarks/README.md)
+on gradients of a small Qwen2 with one 30x hidden feature: mean cosine error of the
+fold 0.0145 vs 0.0086 for the random CountSketch at k = 8192 (1.7x; 3.3x with
+hidden 64, k = 1024), while on plain gradients both sit at the dense Gaussian's
+~0.008. The random CountSketch reaches ~1.6-2e9 coordinates/s at k = 8192 on 2 CPU
+cores (batch 8, fp32 or bf16), 3x the 5e8 target, so the honest design costs little.
 
 Memory: the bucket codes of each hash block are kept in an LRU cache bounded by
 ``cache_bytes`` (default 2 GiB, or ``$SKETCHSTORE_PROJECTION_CACHE_BYTES``); at 2 bytes
 per kept coordinate a 1B-parameter model at keep_ratio 1 needs 2 GB to stay fully
 cached (kept-coordinate positions add 4 bytes per kept coordinate when keep_ratio <
-1). A miss regenerates the block (~4 ms per 2**20 coordinates). Temporary memory per
-worker is about rows x 2**18 x 4 bytes plus one (rows, 2k) accumulator, with rows
-<= 64; batches larger than that are processed in row groups.
+1). A miss regenerates the block (~4 ms per 2**20 coordinates). Temporary memory: each
+thread that projects keeps a reusable scratch of ~32 MB (float32 values for the cast or
+gather, int64 bucket codes and positions), plus one (rows, 2k) float32 accumulator per
+hash block in flight; batches of more than 64 rows are processed in groups of 64.
+Non-contiguous inputs are copied (one row group of one parameter at a time).
+
+Threads: with B >= torch.get_num_threads() torch parallelises ``index_add_`` over
+rows; with fewer rows (B = 1) hash blocks go to a small thread pool. Results never
+depend on either. On CUDA tensors the code runs on the device, but ``index_add_`` then
+uses atomics, so sketches are deterministic only up to float32 rounding there.
 
 Dense mode (``DenseGaussianProjector``): the TRAK-style reference. N(0, 1/k) rows are
 generated block by block (256 input coordinates at a time, seeded per (parameter,
@@ -510,4 +517,6 @@ def make_projector(spec: ProjectionSpec, **kwargs) -> Projector:
         if kwargs:
             raise BadInputError(f"dense projector takes no options, got {sorted(kwargs)}")
         return DenseGaussianProjector(spec)
+    if spec.mode == "factored":
+        raise BadInputError("projection mode 'factored' is computed by sketchstore.factored.FactoredSketcher, not make_projector")
     raise BadInputError(f"unknown projection mode {spec.mode!r}")

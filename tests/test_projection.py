@@ -33,7 +33,7 @@ from sketchstore.projection import (
     kept_indices,
     make_projector,
 )
-from sketchstore.spec import ProjectionSpec
+from sketchstore.spec import PROJECTION_MODES, ProjectionSpec
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -168,7 +168,7 @@ def test_seed_and_dim_change_the_sketch(grads):
 _CHILD = textwrap.dedent(
     """
     import sys, torch
-    from sketchstore.spec import ProjectionSpec
+    from sketchstore.spec import PROJECTION_MODES, ProjectionSpec
     from sketchstore.projection import make_projector
     g = torch.load(sys.argv[1])
     out = {}
@@ -373,6 +373,9 @@ def test_constructors():
         SparseProjector(ProjectionSpec(), cache_bytes=-1)
     with pytest.raises(BadInputError):
         make_projector({"dim": 8})
+    if "factored" in PROJECTION_MODES:  # computed elsewhere (sketchstore.factored)
+        with pytest.raises(BadInputError, match="factored"):
+            make_projector(ProjectionSpec(mode="factored"))
 
 
 # ---------------------------------------------------------------- property tests
