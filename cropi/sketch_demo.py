@@ -89,7 +89,8 @@ def run_sketch_demo(config: SketchDemoConfig, log=print) -> dict:
     random_pick = rng.sample(pool, len(picked))
     _, rows = query(store, "SELECT id, score FROM scores")
     scores = dict(rows)
-    _plot(out / "scores.png", scores, {i: r["family"] for i, r in by_id.items()}, min(s.score for s in chosen))
+    cutoff = min(scores[s.id] for s in chosen)  # s.score is the fused (RRF) score, not the cosine
+    _plot(out / "scores.png", scores, {i: r["family"] for i, r in by_id.items()}, cutoff)
     figures = {
         "pool": total, "selected": kept, "val_family": config.val_family,
         "val_family_share_pool": _share(pool, config.val_family),
