@@ -19,6 +19,7 @@ from .codecs import DEFAULT_COMPRESSOR
 from .data import read_rows
 from .errors import BadInputError, SpecMismatchError
 from .gradients import Objective, SFTObjective, load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
+from .factored import FactoredSketcher
 from .popi import POPIObjective, read_prompt_groups
 from .projection import make_projector
 from .spec import ProjectionSpec, param_spec_hash, stable_seed
@@ -138,13 +139,13 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     model, tokenizer = load_model(config.model, config.device)
     params = select_parameters(model, config.params)
     spec = replace(config.spec, param_hash=param_spec_hash(parameter_shapes(params)))
+    projector = FactoredSketcher(model, params, spec) if spec.mode == "factored" else make_projector(spec)
     store = SketchStore.open_or_create(config.store, spec, compressor=config.compressor)
     fingerprint = model_fingerprint(params)
     _check_checkpoint_model(store, config.checkpoint, fingerprint)
     done = store.existing_ids(config.checkpoint, config.split)
     todo = [r for r in rows if r["id"] not in done]
     report = BuildReport(total=len(rows), skipped=len(rows) - len(todo), added=0, seconds=0.0)
-    projector = make_projector(spec)
     objective = _objective(config, tokenizer)
     source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name}
     bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
@@ -152,16 +153,20 @@ def build_sketches(config: BuildConfig, progress: bool = True,
         group = todo[lo:lo + config.flush_rows]
         sketches, norms, tokens = [], [], []
         pending: list = []
-        for item in per_example_gradients(model, objective, group, params):
-            pending.append(item)
-            if len(pending) == config.batch_size:
+        if spec.mode == "factored":  # batch_size rows per forward/backward, never a full gradient (factored.py)
+            done_rows = projector.sketch_rows(objective, group, config.batch_size, on_row=bar.update)
+            sketches, norms, tokens = [done_rows.sketches], done_rows.grad_norms, done_rows.n_tokens
+        else:
+            for item in per_example_gradients(model, objective, group, params):
+                pending.append(item)
+                if len(pending) == config.batch_size:
+                    sketches.append(_project(projector, pending))
+                    pending = []
+                norms.append(item.grad_norm)
+                tokens.append(item.n_tokens)
+                bar.update(1)
+            if pending:
                 sketches.append(_project(projector, pending))
-                pending = []
-            norms.append(item.grad_norm)
-            tokens.append(item.n_tokens)
-            bar.update(1)
-        if pending:
-            sketches.append(_project(projector, pending))
         batch = SketchBatch(ids=[r["id"] for r in group], sketches=torch.cat(sketches), grad_norms=norms,
                             n_tokens=tokens, metadata=[_metadata(r) for r in group])
         added = store.append(config.checkpoint, config.split, batch, source=source)

@@ -21,6 +21,10 @@ Choices (documented in the README):
 - A prompt whose K rewards are all equal has A = 0 for every trajectory: its gradient is
   exactly zero, so it is stored as a zero-gradient row without a forward pass.
 - The K trajectories of a prompt go through one padded forward; one backward per prompt.
+  :meth:`POPIObjective.batch` instead turns the trajectories of many prompts into one batch of
+  sequences (for the factored sketches: a few forward/backward passes for all of them); each
+  kept trajectory is a sequence whose token weights rho_{i,t} A_i / (K |y_i|) enter through the
+  backward, and all K sequences of a prompt map to that prompt's row.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError
+from .gradients import SequenceBatch, select_tokens
 
 TRAJECTORY_COLUMNS = ("prompt_id", "behaviour", "sample", "prompt_token_ids", "response_token_ids",
                       "behaviour_logprobs", "temperature", "top_p", "reward", "advantage", "pass_rate", "zero_std")
@@ -152,3 +157,55 @@ class POPIObjective:
                 surrogate = torch.minimum(surrogate, rho.clamp(1 - self.clip, 1 + self.clip) * advantage)
             total = total + surrogate.mean()
         return -total / len(group.responses), n_tokens
+
+    def batch(self, rows: list[dict]) -> SequenceBatch:
+        """The kept trajectories (non-empty, A_i != 0) of all ``rows`` as sequences of one batch.
+
+        Per-sequence loss of trajectory i of a prompt with K trajectories:
+        -(1/(K |y_i|)) sum_t surrogate_{i,t} (surrogate = rho A_i, or its clipped form), so the
+        sum over a prompt's sequences is exactly :meth:`loss`. A prompt with no kept trajectory
+        (all advantages zero) contributes no sequence and is flagged in ``zero_rows``.
+        """
+        seqs, seq_rows, n_tokens, zero_rows = [], [], [], []
+        tok_seq, tok_pos, tok_target, tok_behaviour, tok_temp, tok_adv, tok_scale = [], [], [], [], [], [], []
+        for r, row in enumerate(rows):
+            group: PromptGroup = row["group"]
+            n_tokens.append(sum(len(y) for y in group.responses))
+            kept = [i for i, y in enumerate(group.responses) if y and group.advantages[i] != 0]
+            zero_rows.append(not kept)
+            start = len(group.prompt_token_ids) - 1
+            for i in kept:
+                response = group.responses[i]
+                s = len(seqs)
+                seqs.append(list(group.prompt_token_ids) + list(response))
+                seq_rows.append(r)
+                n = len(response)
+                tok_seq += [s] * n
+                tok_pos += range(start, start + n)  # logits at position t predict token t + 1
+                tok_target += response
+                tok_behaviour += group.behaviour_logprobs[i]
+                tok_temp += [group.temperature] * n
+                tok_adv += [group.advantages[i]] * n
+                tok_scale += [1.0 / (len(group.responses) * n)] * n
+        tok_seq = torch.tensor(tok_seq, dtype=torch.long)
+        tok_pos, target = torch.tensor(tok_pos, dtype=torch.long), torch.tensor(tok_target, dtype=torch.long)
+        behaviour, temp, adv, scale = (torch.tensor(v, dtype=torch.float32)
+                                       for v in (tok_behaviour, tok_temp, tok_adv, tok_scale))
+        clip = self.clip
+
+        def loss_fn(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            dev = logits.device
+            chosen, local = select_tokens(tok_seq, index, len(seqs))
+            local = local.to(dev)
+            step = logits[local, tok_pos[chosen].to(dev)].float() / temp[chosen].to(dev)[:, None]
+            logp = torch.log_softmax(step, dim=-1).gather(1, target[chosen].to(dev)[:, None]).squeeze(1)
+            rho = torch.exp(logp - behaviour[chosen].to(dev))
+            a = adv[chosen].to(dev)
+            surrogate = rho * a
+            if clip > 0:
+                surrogate = torch.minimum(surrogate, rho.clamp(1 - clip, 1 + clip) * a)
+            per_seq = torch.zeros(len(index), dtype=surrogate.dtype, device=dev)
+            return -per_seq.index_add(0, local, surrogate * scale[chosen].to(dev))
+
+        return SequenceBatch(sequences=seqs, seq_rows=torch.tensor(seq_rows, dtype=torch.long), n_rows=len(rows),
+                             n_tokens=n_tokens, loss_fn=loss_fn, zero_rows=zero_rows)

@@ -1,0 +1,581 @@
+"""Factored sketches: per-layer Kronecker projections from activations and output gradients.
+
+Never materialises a per-example gradient vector. For a linear layer y = W x (W: m x n) the
+gradient of one row (example) is G = sum_t g_t x_t^T over the row's tokens, g_t = dL/dy_t,
+x_t the layer input. With seeded factors P_row (k_r x m) and P_col (k_c x n),
+
+    P_row G P_col^T = sum_t (P_row g_t)(P_col x_t)^T,
+
+so the inputs x_t (forward hooks) and output gradients g_t (tensor hooks) of one batched
+forward and backward give the projected gradient of *every* row of the batch (LoGra/LogIX,
+GraSS FactGraSS, Bergson's per-module mode). Rows are told apart by their tokens: sequences
+never interact (causal attention, right padding), so each row's tokens carry exactly that
+row's g_t and x_t; padding positions are dropped. ``SFTObjective.batch`` and
+``POPIObjective.batch`` turn rows into sequences whose losses sum to each row's loss; the
+sequences of a batch run in a few passes of similar lengths (:func:`plan_passes`: at most
+15% padding, at most 2**14 positions per pass). Every parameter is frozen during the pass and
+the input embedding's output is the leaf of the graph, so autograd computes activation
+gradients only, never a weight gradient dW.
+
+The sketch of a row, with ``spec.mode == "factored"`` (keep_ratio must be 1):
+
+1. Per selected weight matrix (name, shape m x n) an intermediate block B = P_row G P_col^T
+   of k_r x k_c, ``k_r = min(m, side)``, ``k_c = min(n, side)``, with
+   ``side = factor_side(spec.dim) = 2 ** ceil(log2(sqrt(8 * spec.dim)))``: 256 for
+   k = 4096 or 8192, 128 for 1024-2048, 512 for 16384-32768. Every layer gets a block of at
+   least 8k entries whatever the number of layers; a side that fits (m <= side) is not
+   projected (identity, exact on that side). P_row and P_col are CountSketch matrices (one
+   +-1 per column: bucket and sign per coordinate), applied with one ``index_add_`` in
+   O(m + n) per token, seeded from ``stable_seed(spec.seed, "factored", name, "row"|"col",
+   size, k)``: nothing to save, identical in every process.
+2. Small vector parameters (biases, RMSNorm/LayerNorm weights) keep their *exact* per-row
+   gradient: bias -> sum_t g_t, norm weight w (out = w * z) -> sum_t g_t * z_t, with z the
+   normalised input recomputed from the hooked input (checked once per module against the
+   module's own output; a norm it cannot reproduce is refused: leave it out with ``params``).
+3. Blocks and vectors are hashed into exactly ``spec.dim`` coordinates by the CountSketch
+   of projection.py (``SparseProjector`` under the derived seed
+   ``stable_seed(spec.seed, "factored", "final")``), one parameter at a time (blocks never
+   pile up in memory), summed in sorted-name order.
+
+Inner products stay unbiased (E<sketch(a), sketch(b)> = <a, b>), the convention of
+projection.py, so sketch norms and cosines compare with those of the full gradients.
+
+Why not an equal share of k per layer, concatenated? For a low-rank G (a row has few
+tokens) a Kronecker projection is much noisier than a dense one of the same size: for a
+rank-1 G the relative error of an inner product is ~ sqrt(1/k_r + 1/k_c), whatever the
+layer's size. With ~30 matrices and k = 8192 an equal share is a 16 x 16 block per layer.
+Measured on POPI gradients of the small Qwen2 (3.5M parameters, exact gradients, mean
+|cosine error| over 780 pairs; benchmarks/README.md): 16 x 16 blocks 0.049, 128 x 128 blocks
+hashed to k 0.017, 256 x 256 blocks hashed to k 0.009, plain CountSketch of the full gradient
+0.009, CountSketch after keeping 10% of coordinates (CROPI's recipe) 0.011. Large blocks cost
+little: T k_r k_c per row and layer (< 1% of a 1536-wide layer's forward at side 256) plus
+hashing the blocks (~k_r k_c per layer and row). Gaussian factors measured no better than
+CountSketch ones and cost O(k) per coordinate instead of O(1). (Several independent smaller
+Kronecker blocks per layer would be more faithful at equal size, 2 s / D relative variance
+for D entries in s x s blocks, but each copy costs another O(m + n) per token.)
+
+Embeddings and tied weights. An ``nn.Embedding`` weight (V x d) has per-row gradient
+sum_t e_{id_t} g_t^T (one-hot inputs), so its block is sum_t P_row[:, id_t] (P_col g_t)^T:
+a signed row lookup, no V-sized product (tokens equal to ``padding_idx`` get no gradient, as
+in torch). When ``lm_head`` shares the embedding's parameter (tied), both uses contribute to
+the one parameter name, projected with the same P_row (vocab side) and P_col (hidden side)
+and added in that projected space: the block is exactly P_row (G_head + G_embed) P_col^T.
+
+Gradient norms are exact (the catalog uses grad_norm == 0 for zero-gradient rows; a POPI
+prompt whose advantages are all zero has no sequence and gets a zero sketch and norm 0).
+Per matrix and row, whichever costs less for the row's token count T: the Gram form
+||sum_t a_t b_t^T||_F^2 = sum_{t,s} (a_t.a_s)(b_t.b_s) (T^2 (m + n), incl. the cross terms of
+tied contributions) with the block from the projected factors, or the row's m x n gradient
+(T m n, one matrix of one row at a time), its norm, and the block by hashing it. For long
+rows this costs about as much as the weight gradient a per-row backward computes: exact
+norms are the largest extra cost of this path on small models (see benchmarks/README.md).
+
+Supported parameters: weights of ``nn.Linear`` and ``nn.Embedding`` (2-D, possibly tied),
+``nn.Linear`` biases, weights of RMSNorm-like modules (class name ending in ``RMSNorm``,
+out = w * x / rms(x)) and ``nn.LayerNorm`` weights/biases. Any other selected parameter is
+refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+from .gradients import SequenceBatch
+from .projection import SparseProjector
+from .spec import ProjectionSpec, stable_seed
+
+__all__ = ["FactoredSketcher", "FactoredRows", "factor_side", "factor_dims", "plan_passes"]
+
+#: Most padded token positions per forward/backward pass (bounds activation memory).
+PASS_TOKENS = 1 << 14
+#: Largest fraction of a pass's positions that may be padding before a new pass starts.
+PASS_WASTE = 0.15
+
+
+def factor_side(dim: int) -> int:
+    """Largest per-side size of a layer's intermediate block: 2**ceil(log2(sqrt(8 * dim)))
+    (256 for dim 4096 or 8192, 128 for 1024 or 2048, 512 for 16384 or 32768)."""
+    return 1 << max(0, math.ceil(math.log2(math.sqrt(8 * dim))))
+
+
+def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: float | None = None) -> list[torch.Tensor]:
+    """Sequence indices grouped into passes: longest first, a new pass whenever padding would
+    exceed ``waste`` of a pass's positions (default PASS_WASTE) or the pass would exceed
+    ``max_tokens`` positions (default PASS_TOKENS); indices ascending within a pass."""
+    max_tokens = PASS_TOKENS if max_tokens is None else max_tokens
+    waste = PASS_WASTE if waste is None else waste
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    passes, current, real = [], [], 0
+    for i in order:
+        if current:
+            width = lengths[current[0]]
+            size = (len(current) + 1) * width
+            if size > max_tokens or real + lengths[i] < (1 - waste) * size:
+                passes.append(current)
+                current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        passes.append(current)
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
+
+
+def factor_dims(shape: Sequence[int], dim: int) -> tuple[int, int]:
+    """(k_row, k_col) of a weight matrix of ``shape`` (m, n) under sketch length ``dim``."""
+    side = factor_side(dim)
+    return min(int(shape[0]), side), min(int(shape[1]), side)
+
+
+@dataclass
+class FactoredRows:
+    """Result of sketching a list of rows."""
+
+    sketches: torch.Tensor  # (R, dim) float32
+    grad_norms: list[float]
+    n_tokens: list[int]
+    losses: list[float]
+
+
+@dataclass
+class _Record:
+    """One call of a hooked module: its compact (valid-token) factors; ``g`` filled by backward."""
+
+    x: torch.Tensor | None = None  # linear input (N, n), norm's normalised input z (N, d), or ids (N,)
+    g: torch.Tensor | None = None  # output gradient (N, m)
+
+
+@dataclass
+class _Use:
+    """A module using selected parameters: kind in linear / embedding / norm."""
+
+    kind: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None = None
+    records: list = field(default_factory=list)
+    checked: bool = False
+    calls: int = 0
+
+
+def _is_rmsnorm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+            and (hasattr(module, "variance_epsilon") or hasattr(module, "eps")))
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Every parameter frozen (no dW is computed); flags restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class FactoredSketcher:
+    """Factored sketches of many rows per forward/backward (see the module docstring).
+
+    model: the causal LM; params: the selected (name, parameter) pairs (``select_parameters``);
+    spec: a ProjectionSpec with mode ``factored`` and keep_ratio 1.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], spec: ProjectionSpec) -> None:
+        if not isinstance(spec, ProjectionSpec) or spec.mode != "factored":
+            raise BadInputError(f"FactoredSketcher needs a ProjectionSpec with mode 'factored', got {spec!r}")
+        if float(spec.keep_ratio) != 1.0:
+            raise BadInputError("factored sketches do not drop coordinates: use keep ratio 1 with --projection factored")
+        self.model = model
+        self.spec = spec
+        self.params = list(params)
+        self.shapes = {name: tuple(p.shape) for name, p in self.params}
+        by_id = {id(p): name for name, p in self.params}
+        self.uses: list[_Use] = []
+        covered: set[str] = set()
+        for mod_name, module in model.named_modules():
+            weight = by_id.get(id(getattr(module, "weight", None))) if getattr(module, "weight", None) is not None else None
+            bias_t = getattr(module, "bias", None)
+            bias = by_id.get(id(bias_t)) if isinstance(bias_t, torch.Tensor) else None
+            if weight is None and bias is None:
+                continue
+            if isinstance(module, nn.Linear):
+                self.uses.append(_Use("linear", module, weight, bias))
+            elif isinstance(module, nn.Embedding):
+                if module.max_norm is not None or module.scale_grad_by_freq:
+                    raise BadInputError(f"factored mode: embedding {mod_name!r} uses max_norm/scale_grad_by_freq")
+                self.uses.append(_Use("embedding", module, weight))
+            elif _is_rmsnorm(module) or isinstance(module, nn.LayerNorm):
+                self.uses.append(_Use("norm", module, weight, bias))
+            else:
+                continue
+            covered.update(n for n in (weight, bias) if n is not None)
+        missing = [n for n, _ in self.params if n not in covered]
+        if missing:
+            raise BadInputError(
+                "factored mode cannot sketch parameter(s) " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                + " (only Linear/Embedding weights, Linear biases and RMSNorm/LayerNorm parameters); "
+                "leave them out with --params")
+        self.matrices = sorted({u.weight for u in self.uses if u.kind in ("linear", "embedding") and u.weight})
+        for name in self.matrices:
+            if len(self.shapes[name]) != 2:
+                raise BadInputError(f"factored mode: parameter {name!r} is not a matrix (shape {self.shapes[name]})")
+        self.input_embedding = model.get_input_embeddings()
+        self.final = SparseProjector(ProjectionSpec(dim=spec.dim, seed=stable_seed(spec.seed, "factored", "final"),
+                                                    mode="sparse"))
+        self._codes: dict[tuple[str, str], torch.Tensor | None] = {}
+        self._layout = None
+
+    # ------------------------------------------------------------------ projections
+    def codes(self, name: str, side: str) -> torch.Tensor | None:
+        """CountSketch codes ``h + k * [sign < 0]`` (int64, one per row (side "row") or column
+        ("col") of matrix ``name``) of its factor, or None when that side is not projected."""
+        key = (name, side)
+        if key not in self._codes:
+            m, n = self.shapes[name]
+            k_r, k_c = factor_dims((m, n), self.spec.dim)
+            size, k = (m, k_r) if side == "row" else (n, k_c)
+            if k >= size:
+                self._codes[key] = None
+            else:
+                gen = torch.Generator().manual_seed(stable_seed(self.spec.seed, "factored", name, side, size, k))
+                self._codes[key] = torch.randint(0, 2 * k, (size,), generator=gen).to(self._device())
+        return self._codes[key]
+
+    def factor(self, name: str, side: str) -> torch.Tensor | None:
+        """The factor as a dense (k, size) matrix (one +-1 per column), or None for identity:
+        P_row (side "row") or P_col ("col") of matrix ``name``. For checks; never used to project."""
+        codes = self.codes(name, side)
+        if codes is None:
+            return None
+        k = self.block_shape(name)[0 if side == "row" else 1]
+        codes = codes.cpu()
+        mat = torch.zeros(k, codes.numel())
+        mat[codes % k, torch.arange(codes.numel())] = torch.where(codes < k, 1.0, -1.0)
+        return mat
+
+    @staticmethod
+    def _apply(x: torch.Tensor, codes: torch.Tensor | None, k: int) -> torch.Tensor:
+        """CountSketch along the last dim of ``x``: (..., size) -> (..., k); identity for None."""
+        if codes is None:
+            return x
+        acc = x.new_zeros(*x.shape[:-1], 2 * k)
+        acc.index_add_(x.dim() - 1, codes, x)
+        return acc[..., :k] - acc[..., k:]
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def block_shape(self, name: str) -> tuple[int, int]:
+        return factor_dims(self.shapes[name], self.spec.dim)
+
+    def reference_blocks(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Intermediate blocks P_row G P_col^T (matrices) / exact vectors of explicit gradients
+        (name -> (B, *shape)): what the factored path computes without materialising G."""
+        out = {}
+        for name, grad in grads.items():
+            grad = grad.float()
+            if name in self.matrices:
+                k_r, k_c = self.block_shape(name)
+                grad = self._apply(grad, self.codes(name, "col"), k_c)
+                grad = self._apply(grad.transpose(1, 2), self.codes(name, "row"), k_r).transpose(1, 2).contiguous()
+            out[name] = grad
+        return out
+
+    def reference(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, dim) sketches of explicit per-example gradients under the same seeded factors."""
+        return self.final.project(self.reference_blocks(grads))
+
+    # ------------------------------------------------------------------ hooks
+    def _store(self, buffer: torch.Tensor | None, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Write this pass's valid tokens of ``t`` (S, T, ...) into ``buffer`` (all tokens of the
+        batch, row order, zeros where a pass did not write: those tokens contribute nothing;
+        allocated on first use) at their row-ordered positions."""
+        L = self._layout
+        S, T = L["S"], L["T"]
+        if t.shape[:2] != (S, T):
+            raise BadInputError(f"factored mode: a hooked module saw shape {tuple(t.shape)}, expected ({S}, {T}, ...)")
+        if buffer is None:
+            buffer = torch.zeros((L["N"],) + tuple(t.shape[2:]), dtype=dtype, device=t.device)
+        buffer.index_copy_(0, L["dest"], t.reshape(S * T, *t.shape[2:]).index_select(0, L["valid"]).to(dtype))
+        return buffer
+
+    def _grad_hook(self, record: _Record):
+        def hook(grad):
+            record.g = self._store(record.g, grad.detach(), torch.float32)
+        return hook
+
+    def _module_hook(self, use: _Use):
+        def hook(module, inputs, output):
+            call = use.calls
+            use.calls += 1
+            if call == len(use.records):
+                use.records.append(_Record())
+            record = use.records[call]
+            x = inputs[0]
+            if use.kind == "linear":
+                record.x = self._store(record.x, x.detach(), torch.float32)
+            elif use.kind == "embedding":
+                if module.padding_idx is not None:  # torch gives the padding row no gradient
+                    x = torch.where(x == module.padding_idx, torch.full_like(x, -1), x)
+                record.x = self._store(record.x, x, torch.long)
+            else:
+                record.x = self._store(record.x, self._normalised(use, x.detach(), output.detach()), torch.float32)
+            if module is self.input_embedding:  # the leaf of the backward graph
+                output = output.detach().requires_grad_(True)
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(record))
+            return output
+        return hook
+
+    def _start_hook(self, module, inputs, output):
+        return output.detach().requires_grad_(True)
+
+    def _normalised(self, use: _Use, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """z with out == w * z (+ b), from the module's input; verified on its first call."""
+        module = use.module
+        xf = x.float()
+        if isinstance(module, nn.LayerNorm):
+            z = nn.functional.layer_norm(xf, module.normalized_shape, eps=module.eps)
+            expected = z * module.weight.float() if module.weight is not None else z
+            if module.bias is not None:
+                expected = expected + module.bias.float()
+        else:
+            eps = getattr(module, "variance_epsilon", None)
+            if eps is None:
+                eps = getattr(module, "eps", None)
+            if eps is None:
+                eps = torch.finfo(x.dtype).eps
+            z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            expected = module.weight.float() * z.to(x.dtype).float()
+        if not use.checked:
+            tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+            if not torch.allclose(expected, out.float(), rtol=tol, atol=tol):
+                raise BadInputError(f"factored mode cannot reproduce {type(module).__name__} (out != w * normalised "
+                                    "input); leave its parameters out with --params")
+            use.checked = True
+        return z
+
+    # ------------------------------------------------------------------ sketching
+    def sketch_rows(self, objective, rows: Sequence[dict], batch_size: int,
+                    on_row: Callable[[int], object] | None = None) -> FactoredRows:
+        """Sketch ``rows`` in batches of ``batch_size`` rows (one forward/backward per batch)."""
+        if not hasattr(objective, "batch"):
+            raise BadInputError(f"objective {getattr(objective, 'name', objective)!r} has no batched form "
+                                "(needed by --projection factored)")
+        parts = []
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo:lo + batch_size]
+            parts.append(self.sketch_batch(objective.batch(chunk)))
+            if on_row is not None:
+                on_row(len(chunk))
+        if not parts:
+            return FactoredRows(torch.zeros(0, self.spec.dim), [], [], [])
+        return FactoredRows(torch.cat([p.sketches for p in parts]), [x for p in parts for x in p.grad_norms],
+                            [x for p in parts for x in p.n_tokens], [x for p in parts for x in p.losses])
+
+    def sketch_batch(self, batch: SequenceBatch) -> FactoredRows:
+        """Sketches, exact gradient norms, token counts and losses of one SequenceBatch."""
+        sketches = torch.zeros(batch.n_rows, self.spec.dim, device=self._device())
+
+        def add(name: str, value: torch.Tensor) -> None:  # called in sorted-name order
+            sketches.add_(self.final.project({name: value}))
+
+        sq_norms, losses = self._run(batch, add)
+        norms = sq_norms.clamp_min(0).sqrt().tolist()
+        return FactoredRows(sketches.cpu(), norms, list(batch.n_tokens), losses)
+
+    def blocks(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[float]]:
+        """(name -> (R, k_r, k_c) block or (R, m) exact vector, (R,) float64 squared gradient
+        norms, per-row losses) of one batch of R rows (for checks: holds every block at once)."""
+        out: dict[str, torch.Tensor] = {}
+        sq_norms, losses = self._run(batch, out.__setitem__)
+        return out, sq_norms, losses
+
+    def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object]) -> tuple[torch.Tensor, list[float]]:
+        """Run the batch; ``emit(name, block or vector)`` for every selected parameter in sorted
+        name order (blocks are (R, k_r, k_c), vectors (R, m)); returns ((R,) float64 squared
+        gradient norms, per-row losses).
+
+        The batch's sequences run in a few passes (one forward + one backward each) of similar
+        lengths, so little compute goes to padding (see :func:`plan_passes`); hooks write each
+        pass's real tokens straight to their place in row order (sequences are grouped by row)."""
+        R = batch.n_rows
+        device = self._device()
+        sq_norms = torch.zeros(R, dtype=torch.float64)
+        if batch.n_sequences == 0:
+            for name, _ in sorted(self.params, key=lambda item: item[0]):
+                emit(name, self._zeros(name, R))
+            return sq_norms, [0.0] * R
+        seq_rows = batch.seq_rows.cpu()
+        if bool((seq_rows[1:] < seq_rows[:-1]).any()):
+            raise BadInputError("sequence batch: sequences must be grouped by row, in row order")
+        lengths = torch.tensor([len(q) for q in batch.sequences], dtype=torch.long)
+        offsets = (torch.cumsum(lengths, 0) - lengths).to(device)  # row order = sequence order
+        tok_row = torch.repeat_interleave(seq_rows, lengths).to(device)
+        counts = torch.bincount(seq_rows, weights=lengths.double(), minlength=R).long().tolist()
+        ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+        bounds = [(e - c, e) for e, c in zip(ends, counts)]
+        row_loss = torch.zeros(R, dtype=torch.float64)
+        for use in self.uses:
+            use.records = []
+        handles = [u.module.register_forward_hook(self._module_hook(u)) for u in self.uses]
+        if not any(u.module is self.input_embedding for u in self.uses):
+            handles.append(self.input_embedding.register_forward_hook(self._start_hook))
+        try:
+            with _frozen(self.model), torch.enable_grad():
+                for index in plan_passes(lengths.tolist()):
+                    ids, mask = batch.padded(index)
+                    S, T = ids.shape
+                    valid = mask.reshape(-1).nonzero().squeeze(1).to(device)
+                    dest = offsets[index.to(device)][valid // T] + valid % T
+                    self._layout = {"S": S, "T": T, "valid": valid, "dest": dest, "N": int(lengths.sum())}
+                    for use in self.uses:
+                        use.calls = 0
+                    logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    losses = batch.loss_fn(logits, index)
+                    del logits
+                    if losses.requires_grad:
+                        losses.sum().backward()
+                    row_loss.index_add_(0, seq_rows[index], losses.detach().double().cpu())
+            self._layout = {"row": tok_row, "bounds": bounds, "R": R}
+            self._assemble(sq_norms, emit)
+        finally:
+            for h in handles:
+                h.remove()
+            for use in self.uses:
+                use.records = []
+            self._layout = None
+        return sq_norms, row_loss.tolist()
+
+    def _row_sum(self, t: torch.Tensor) -> torch.Tensor:
+        L = self._layout
+        return t.new_zeros((L["R"],) + tuple(t.shape[1:])).index_add_(0, L["row"], t)
+
+    def _zeros(self, name: str, rows: int) -> torch.Tensor:
+        shape = self.block_shape(name) if name in self.matrices else self.shapes[name]
+        return torch.zeros((rows,) + tuple(shape), device=self._device())
+
+    def _assemble(self, sq_norms: torch.Tensor, emit: Callable[[str, torch.Tensor], object]) -> None:
+        contribs: dict[str, list] = {}  # matrix -> [(row factor: (N, m) float or (N,) ids, col factor (N, n))]
+        vectors: dict[str, torch.Tensor] = {}
+
+        def add_vector(name, value):
+            vectors[name] = vectors[name] + value if name in vectors else value
+
+        for use in self.uses:
+            for rec in use.records:
+                g = rec.g
+                if g is None:  # the output got no gradient in any pass (e.g. unused by the loss)
+                    width = use.module.weight.shape[1] if use.kind == "embedding" else (
+                        rec.x.shape[1] if use.kind == "norm" else use.module.weight.shape[0])
+                    g = torch.zeros(rec.x.shape[0], width, device=rec.x.device)
+                if use.kind == "linear":
+                    if use.weight:
+                        contribs.setdefault(use.weight, []).append((g, rec.x))
+                    if use.bias:
+                        add_vector(use.bias, self._row_sum(g))
+                elif use.kind == "embedding":
+                    g = torch.where((rec.x >= 0)[:, None], g, torch.zeros_like(g))  # padding_idx: no gradient
+                    contribs.setdefault(use.weight, []).append((rec.x.clamp_min(0), g))
+                else:
+                    if use.weight:
+                        add_vector(use.weight, self._row_sum(g * rec.x))
+                    if use.bias:
+                        add_vector(use.bias, self._row_sum(g))
+        R = self._layout["R"]
+        for name in sorted(n for n, _ in self.params):
+            if name in contribs:
+                value, sq = self._block_and_norm(name, contribs.pop(name))
+                sq_norms += sq.cpu()
+            elif name in vectors:
+                value = vectors.pop(name)
+                sq_norms += value.double().pow(2).sum(1).cpu()
+            else:  # selected but not reached by this forward: zero gradient
+                value = self._zeros(name, R)
+            emit(name, value)
+
+    def _block_and_norm(self, name: str, pieces) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, k_r, k_c) blocks P_row G_r P_col^T and (R,) float64 exact ||G_r||_F^2, where
+        G_r = sum over row r's tokens of a_t b_t^T (a_t: (m,) or a one-hot id, b_t: (n,)).
+
+        Per row, whichever is cheaper for its token count T (c contributions):
+        Gram form, c T (m + n) <= m n: ||G||^2 = sum_{t,s} (a_t.a_s)(b_t.b_s) and the block from
+        the projected factors, sum_t (P_row a_t)(P_col b_t)^T; otherwise G itself (m x n, one
+        row and one matrix at a time), its norm, and the block by hashing G's rows and columns.
+        """
+        L = self._layout
+        R = L["R"]
+        m, n = self.shapes[name]
+        k_r, k_c = self.block_shape(name)
+        row_codes, col_codes = self.codes(name, "row"), self.codes(name, "col")
+        device = self._device()
+        block = torch.zeros(R, k_r, k_c, device=device)
+        sq = torch.zeros(R, dtype=torch.float64, device=device)
+        c = len(pieces)
+        # cost per row: Gram norm + block from projected factors vs explicit G (+ hashing it)
+        gram = [(c * (e - s)) ** 2 * (m + n) + c * (e - s) * k_r * k_c < c * (e - s) * m * n + 2 * m * n
+                for s, e in L["bounds"]]
+        projected = []
+        if any(gram):
+            for a, b in pieces:
+                bp = self._apply(b, col_codes, k_c)
+                if a.dtype == torch.long:  # one-hot inputs: P_row[:, id] = +-e_h(id), a signed lookup
+                    if row_codes is None:
+                        projected.append((a, bp))
+                    else:
+                        code = row_codes[a]
+                        negative = code >= k_r
+                        projected.append((code - k_r * negative, torch.where(negative[:, None], -bp, bp)))
+                else:
+                    projected.append((self._apply(a, row_codes, k_r), bp))
+        for r, (s, e) in enumerate(L["bounds"]):
+            if e == s:
+                continue
+            parts = [(a[s:e], b[s:e]) for a, b in pieces]
+            if gram[r]:
+                total = None
+                for i, (ai, bi) in enumerate(parts):
+                    for j in range(i, c):
+                        aj, bj = parts[j]
+                        term = (self._gram_rows(ai, aj) * (bi @ bj.T)).sum(dtype=torch.float64)
+                        term = term if i == j else 2 * term
+                        total = term if total is None else total + term
+                sq[r] = total
+                for a, b in projected:
+                    a, b = a[s:e], b[s:e]
+                    if a.dtype == torch.long:
+                        block[r].index_add_(0, a, b)
+                    else:
+                        block[r].addmm_(a.T, b)
+            else:
+                grad = torch.zeros(m, n, device=device)
+                for a, b in parts:
+                    if a.dtype == torch.long:
+                        grad.index_add_(0, a, b)
+                    else:
+                        grad.addmm_(a.T, b)
+                sq[r] = grad.pow(2).sum(dtype=torch.float64)
+                grad = self._apply(grad, col_codes, k_c)
+                block[r] = self._apply(grad.T, row_codes, k_r).T
+        return block, sq
+
+    @staticmethod
+    def _gram_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(Ta, Tb) inner products of row factors: dense vectors or one-hot ids."""
+        if a.dtype != torch.long and b.dtype != torch.long:
+            return a @ b.T
+        if a.dtype == torch.long and b.dtype == torch.long:
+            return (a[:, None] == b[None, :]).float()
+        if a.dtype == torch.long:
+            return FactoredSketcher._gram_rows(b, a).T
+        return a[:, b]

@@ -1,0 +1,250 @@
+"""Factored sketches on real tiny Qwen2 models: equal to the Kronecker projection of exact per-example
+gradients (one layer, whole model, SFT and POPI, tied embedding/lm_head, padding_idx), independent of
+batching, JL-faithful, exact norms, zero-advantage prompts, spec mixing refused, CLI end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches, catalog
+from sketchstore.data import read_rows
+from sketchstore.errors import BadInputError, SpecMismatchError
+from sketchstore import factored
+from sketchstore.factored import FactoredSketcher, factor_dims, plan_passes
+from sketchstore.gradients import SFTObjective, load_model, per_example_gradients, select_parameters
+from sketchstore.popi import POPIObjective, PromptGroup, read_prompt_groups
+from test_popi import K, sample_trajectories
+
+TIED = "model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model):
+    return load_model(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def trajectories(tiny_model, tmp_path_factory):
+    return sample_trajectories(tiny_model, tmp_path_factory.mktemp("ftraj") / "traj.parquet", n_prompts=6)
+
+
+@pytest.fixture(scope="module")
+def popi_rows(trajectories):
+    rows = read_prompt_groups(trajectories)
+    # a prompt holding the padding token (id 0): torch gives the embedding's padding row no gradient
+    base = next(r["group"] for r in rows if not r["group"].zero_advantage)
+    group = PromptGroup(prompt_id="pad", prompt_token_ids=[5, 0, 17, 0, 9], responses=base.responses,
+                        behaviour_logprobs=base.behaviour_logprobs, advantages=base.advantages, rewards=base.rewards,
+                        temperature=base.temperature, metadata=base.metadata)
+    return rows + [{"id": "pad", "group": group}]
+
+
+@pytest.fixture(scope="module")
+def sft_rows(sft_data):
+    return read_rows(sft_data[0])[:5]
+
+
+def exact(model, objective, rows, params):
+    """Exact per-row gradients by autograd (per_example_gradients freezes unselected parameters:
+    restore the flags so later selections see every parameter)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    items = list(per_example_gradients(model, objective, rows, params))
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    return {n: torch.cat([it.grads[n] for it in items]) for n, _ in params}, [it.grad_norm for it in items]
+
+
+def kronecker(sketcher, grads):
+    """P_row G P_col^T with the sketcher's seeded factors as explicit matrices (None = identity)."""
+    out = {}
+    for name, g in grads.items():
+        if g.dim() == 3:
+            p_row, p_col = sketcher.factor(name, "row"), sketcher.factor(name, "col")
+            g = (p_row if p_row is not None else torch.eye(g.shape[1])) @ g
+            g = g @ (p_col if p_col is not None else torch.eye(g.shape[2])).T
+        out[name] = g
+    return out
+
+
+def close(a, b, rtol=1e-4):
+    scale = b.abs().max().clamp_min(1e-12)
+    return float((a - b).abs().max() / scale) < rtol
+
+
+@pytest.mark.parametrize("kind", ["sft", "popi"])
+def test_one_linear_layer_equals_kronecker_projection(model_tok, sft_rows, popi_rows, kind):
+    model, tok = model_tok
+    name = "model.layers.0.mlp.down_proj.weight"  # 64 x 384
+    params = select_parameters(model, [name])
+    spec = ProjectionSpec(dim=128, seed=3, mode="factored")  # side 32: both sides projected
+    sketcher = FactoredSketcher(model, params, spec)
+    assert factor_dims((64, 384), 128) == (32, 32) and sketcher.factor(name, "row").shape == (32, 64)
+    objective = SFTObjective(tok) if kind == "sft" else POPIObjective()
+    rows = sft_rows if kind == "sft" else popi_rows
+    grads, norms = exact(model, objective, rows, params)
+    blocks, sq_norms, _ = sketcher.blocks(objective.batch(rows))
+    expected = kronecker(sketcher, grads)[name]
+    assert blocks[name].shape == (len(rows), 32, 32)
+    assert close(blocks[name], expected)
+    assert torch.allclose(sq_norms.sqrt(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
+    sketch = sketcher.sketch_batch(objective.batch(rows)).sketches
+    assert close(sketch, sketcher.final.project({name: expected}))
+
+
+@pytest.mark.parametrize("kind", ["sft", "popi"])
+@pytest.mark.parametrize("dim", [128, 2048])
+def test_whole_model_equals_kronecker_projection(model_tok, sft_rows, popi_rows, kind, dim, monkeypatch):
+    model, tok = model_tok
+    params = select_parameters(model)
+    assert TIED in dict(params) and model.lm_head.weight is model.model.embed_tokens.weight
+    sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=dim, seed=1, mode="factored"))
+    objective = SFTObjective(tok) if kind == "sft" else POPIObjective()
+    rows = sft_rows if kind == "sft" else popi_rows
+    grads, norms = exact(model, objective, rows, params)
+    expected = kronecker(sketcher, grads)
+    batch = objective.batch(rows)
+    if kind == "popi":  # no padding allowed: trajectories of 9 to 12 tokens run in several passes
+        monkeypatch.setattr(factored, "PASS_WASTE", 0.0)
+        assert len(plan_passes([len(q) for q in batch.sequences])) > 1
+    blocks, sq_norms, losses = sketcher.blocks(batch)
+    assert sorted(blocks) == sorted(expected)
+    for name in expected:  # incl. the tied embedding (lm_head + lookup), q/k/v biases, RMSNorm weights
+        assert close(blocks[name], expected[name]), name
+    assert torch.allclose(sq_norms.sqrt(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
+    result = sketcher.sketch_batch(batch)
+    assert close(result.sketches, sketcher.final.project(expected))
+    assert close(result.sketches, sketcher.reference(grads))
+    assert result.grad_norms == pytest.approx(norms, rel=1e-5)
+    for row, loss in zip(rows, losses):
+        ref, _ = objective.loss(model, row)
+        assert loss == pytest.approx(0.0 if ref is None else float(ref.detach()), abs=1e-5)
+
+
+def test_off_policy_clipped_popi_equals_kronecker_projection(tiny_model, popi_rows):
+    model, _ = load_model(tiny_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # theta != beta: ratios leave the clip range
+    params = select_parameters(model)
+    sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=512, seed=2, mode="factored"))
+    objective = POPIObjective(clip=0.01)
+    grads, norms = exact(model, objective, popi_rows, params)
+    result = sketcher.sketch_batch(objective.batch(popi_rows))
+    assert close(result.sketches, sketcher.final.project(kronecker(sketcher, grads)))
+    assert result.grad_norms == pytest.approx(norms, rel=1e-5)
+    unclipped, _ = exact(model, POPIObjective(), popi_rows, params)
+    assert not torch.allclose(grads[TIED], unclipped[TIED])
+
+
+def test_parameter_selection_is_respected(model_tok, sft_rows):
+    model, tok = model_tok
+    params = select_parameters(model, ["*mlp*", "*norm*"])
+    sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=512, mode="factored"))
+    grads, norms = exact(model, SFTObjective(tok), sft_rows, params)
+    result = sketcher.sketch_batch(SFTObjective(tok).batch(sft_rows))
+    assert close(result.sketches, sketcher.final.project(kronecker(sketcher, grads)))
+    assert result.grad_norms == pytest.approx(norms, rel=1e-5)
+
+
+def test_row_sketch_does_not_depend_on_its_batch(model_tok, popi_rows, sft_rows):
+    model, tok = model_tok
+    sketcher = FactoredSketcher(model, select_parameters(model), ProjectionSpec(dim=1024, mode="factored"))
+    for objective, rows in ((POPIObjective(), popi_rows), (SFTObjective(tok), sft_rows)):
+        together = sketcher.sketch_batch(objective.batch(rows))
+        for i, row in enumerate(rows):
+            alone = sketcher.sketch_batch(objective.batch([row]))
+            assert torch.allclose(alone.sketches[0], together.sketches[i], rtol=1e-4, atol=1e-6)
+            assert alone.grad_norms[0] == pytest.approx(together.grad_norms[i], rel=1e-5, abs=1e-12)
+    # several passes (lengths far apart) give the same sketches as one pass
+    assert len(plan_passes([40, 40, 39, 10, 9])) == 2
+    assert [p.tolist() for p in plan_passes([3, 9, 3, 8])] == [[1, 3], [0, 2]]
+
+
+def test_sketch_cosines_track_exact_cosines(model_tok, sft_data):
+    model, tok = model_tok
+    rows = read_rows(sft_data[0])
+    params = select_parameters(model)
+    grads, _ = exact(model, SFTObjective(tok), rows, params)
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1).double()
+    sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=8192, seed=7, mode="factored"))
+    sk = sketcher.sketch_rows(SFTObjective(tok), rows, batch_size=8).sketches.double()
+
+    def cosines(x):
+        x = x / x.norm(dim=1, keepdim=True)
+        return (x @ x.T)[torch.triu_indices(len(x), len(x), 1).unbind()]
+
+    exact_cos, sketch_cos = cosines(flat), cosines(sk)
+    err = (sketch_cos - exact_cos).abs()  # JL: ~1/sqrt(k) per cosine, plus the Kronecker stage
+    assert err.mean() < 0.02 and err.max() < 0.1, (err.mean(), err.max())
+    assert torch.corrcoef(torch.stack([sketch_cos, exact_cos]))[0, 1] > 0.95
+    inner = (sk @ sk.T) / (flat @ flat.T)  # unbiased inner products: same scale as the gradients
+    assert inner.diag().mean() == pytest.approx(1.0, abs=0.05)
+
+
+def test_build_popi_zero_advantage_and_exact_norms(tiny_model, trajectories, tmp_path):
+    def cfg(store, batch_size):
+        return BuildConfig(model=tiny_model, data=None, store=store, checkpoint="theta0", split="pool",
+                           spec=ProjectionSpec(dim=1024, mode="factored", dtype="float32"), objective="popi",
+                           trajectories=trajectories, batch_size=batch_size, flush_rows=4)
+
+    assert build_sketches(cfg(tmp_path / "a", 1), progress=False).added == 6
+    assert build_sketches(cfg(tmp_path / "b", 6), progress=False).added == 6
+    a, b = SketchStore.open(tmp_path / "a"), SketchStore.open(tmp_path / "b")
+    assert a.spec.mode == "factored"
+    ids, x = a.read("theta0", "pool")
+    _, y = b.read("theta0", "pool", ids=ids)
+    assert torch.allclose(x, y, atol=1e-5)
+    _, rows = catalog.query(a, "SELECT id, grad_norm, zero_std, k FROM sketches ORDER BY id")
+    assert rows[0] == ("q0", 0.0, True, K)
+    assert x[ids.index("q0")].abs().sum() == 0
+    model, _ = load_model(tiny_model)
+    groups = read_prompt_groups(trajectories)
+    _, norms = exact(model, POPIObjective(), groups, select_parameters(model))
+    got = dict((r[0], r[1]) for r in rows)
+    assert [got[g["id"]] for g in groups] == pytest.approx(norms, rel=1e-5)
+
+
+def test_store_refuses_mixing_factored_and_sparse(tiny_model, sft_data, tmp_path):
+    train, val = sft_data
+    common = dict(model=tiny_model, store=tmp_path / "s", checkpoint="c0", flush_rows=24)
+    build_sketches(BuildConfig(data=train, split="train", spec=ProjectionSpec(dim=512, mode="factored"), **common),
+                   progress=False)
+    with pytest.raises(SpecMismatchError, match="mode 'sparse' != store 'factored'"):
+        build_sketches(BuildConfig(data=val, split="val", spec=ProjectionSpec(dim=512), **common), progress=False)
+    build_sketches(BuildConfig(data=train, split="train", spec=ProjectionSpec(dim=512), model=tiny_model,
+                               store=tmp_path / "t", checkpoint="c0"), progress=False)
+    with pytest.raises(SpecMismatchError, match="mode 'factored' != store 'sparse'"):
+        build_sketches(BuildConfig(data=val, split="val", spec=ProjectionSpec(dim=512, mode="factored"),
+                                   model=tiny_model, store=tmp_path / "t", checkpoint="c0"), progress=False)
+
+
+def test_refusals(model_tok, tiny_model, sft_data, tmp_path):
+    model, _ = model_tok
+    with pytest.raises(BadInputError, match="keep ratio 1"):
+        FactoredSketcher(model, select_parameters(model), ProjectionSpec(mode="factored", keep_ratio=0.1))
+    with pytest.raises(BadInputError, match="mode 'factored'"):
+        FactoredSketcher(model, select_parameters(model), ProjectionSpec(mode="sparse"))
+    with pytest.raises(BadInputError, match="cannot sketch parameter.*stray"):
+        FactoredSketcher(model, [("stray", nn.Parameter(torch.zeros(3)))], ProjectionSpec(mode="factored"))
+    with pytest.raises(BadInputError, match="keep ratio 1"):
+        build_sketches(BuildConfig(model=tiny_model, data=sft_data[0], store=tmp_path / "s", checkpoint="c", split="t",
+                                   spec=ProjectionSpec(dim=256, mode="factored", keep_ratio=0.5)), progress=False)
+    assert not (tmp_path / "s").exists()  # refused before the store is created
+
+
+def test_cli_build_projection_factored(tiny_model, sft_data, tmp_path):
+    from cli.sketch import main
+
+    store = tmp_path / "store"
+    args = ["build", "--model", str(tiny_model), "--data", str(sft_data[0]), "--store", str(store), "--checkpoint",
+            "c0", "--split", "train", "--dim", "1024", "--projection", "factored", "--batch-size", "16", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "24 rows added" in result.output
+    assert SketchStore.open(store).spec.mode == "factored"
+    result = CliRunner().invoke(main, args[:-5] + ["--projection", "sparse", "--quiet"])
+    assert result.exit_code != 0 and "mode 'sparse' != store 'factored'" in result.output
