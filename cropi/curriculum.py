@@ -1,0 +1,215 @@
+"""CROPI's stage loop and the baselines it is compared with, as one resumable run.
+
+A run is consecutive stage segments of one GRPO training run (as the public reference)::
+
+    stage s:  checkpoint theta_s  (HF format, resumable)
+              [cropi]  POPI sketches of the pool and of each validation set at theta_s, from the
+                       behaviour trajectories (reusing every sketch the store already has for
+                       theta_s), score, select the top fraction (validation sets fused by RRF)
+              [others] the strategy's subset (fixed from stage 0, see cropi.strategies)
+              train ``steps_per_stage`` GRPO steps on the selection
+
+The behaviour policy of POPI is the initial model (trajectories sampled once, before stage 0)
+unless ``refresh_every`` = N > 0, which re-samples them from the current policy every N stages.
+Files under ``out``::
+
+    train/                 the trainer's run directory (log.jsonl, plots, checkpoints/stage<s>:
+                           theta at the start of stage s; stage<S> is the final policy)
+    trajectories/<name>/   behaviour trajectories (cropi rollout format) of pool and validation
+    store/                 the sketch store (checkpoint "stage<s>", splits "pool" and "val-<name>")
+    selections/stage<s>.jsonl   the ids each stage trained on
+    curriculum.json        the config and the stages completed (for resume)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, score, select
+from sketchstore.data import read_rows, write_rows
+from sketchstore.errors import BadInputError
+
+from .rollout import RolloutConfig, read_trajectories, run_rollouts
+from .strategies import INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
+from .tasks import read_tasks
+from .trainer import CKPT_DIR, GRPOTrainer, TrainConfig
+
+STATE_NAME = "curriculum.json"
+DEFAULT_FRACTION = 0.1  # the paper selects ~10% of the pool per stage
+DEFAULT_VAL_PROMPTS = 100  # the paper's validation target: up to N=100 prompts per set
+
+
+@dataclass
+class CurriculumConfig:
+    """A stagewise run. ``train`` holds the GRPO settings (its ``train`` rows are ignored: the
+    pool is ``pool``); ``val_sets`` are the validation sets whose gradients guide selection."""
+
+    train: TrainConfig
+    pool: Path
+    val_sets: dict[str, Path]
+    strategy: str = "cropi"
+    stages: int = 4
+    steps_per_stage: int = 10
+    fraction: float = DEFAULT_FRACTION
+    refresh_every: int = 0
+    popi_n: int = 8
+    val_prompts: int = DEFAULT_VAL_PROMPTS
+    dim: int = 8192
+    keep_ratio: float = 1.0
+    projection: str = "sparse"
+    fusion: str = "rrf"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pool = Path(self.pool)
+        self.val_sets = {name: Path(p) for name, p in self.val_sets.items()}
+        if self.strategy not in STRATEGIES:
+            raise BadInputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not self.pool.is_file():
+            raise BadInputError(f"pool file not found: {self.pool}")
+        if self.strategy in INFLUENCE_STRATEGIES and not self.val_sets:
+            raise BadInputError(f"strategy {self.strategy} needs at least one validation set")
+        for name, path in self.val_sets.items():
+            if not path.is_file():
+                raise BadInputError(f"validation set {name!r}: file not found: {path}")
+        if self.stages < 1 or self.steps_per_stage < 1 or self.popi_n < 2 or self.val_prompts < 1:
+            raise BadInputError("stages, steps per stage and validation prompts must be >= 1, popi samples >= 2")
+        if self.refresh_every < 0:
+            raise BadInputError(f"refresh_every must be >= 0, got {self.refresh_every}")
+        count_for(self.fraction, 1)
+
+    @property
+    def out(self) -> Path:
+        return self.train.out.parent
+
+
+def _state(out: Path) -> dict:
+    path = out / STATE_NAME
+    return json.loads(path.read_text()) if path.is_file() else {"stages_done": 0, "behaviour": None}
+
+
+def _save_state(out: Path, state: dict) -> None:
+    tmp = out / f".{STATE_NAME}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, out / STATE_NAME)
+
+
+class Curriculum:
+    """Runs (or resumes) one strategy's stages; see the module docstring."""
+
+    def __init__(self, config: CurriculumConfig, log: Callable[[str], None] = print, engine: Any = None) -> None:
+        self.config = config
+        self.log = log
+        self.out = config.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pool_rows = read_tasks(config.pool)
+        self.pool_file = write_rows(self.pool_rows, self.out / "pool.jsonl")
+        rng = random.Random(config.seed)
+        self.val_files = {}
+        for name, path in config.val_sets.items():
+            rows = read_tasks(path)
+            if len(rows) > config.val_prompts:
+                rows = rng.sample(rows, config.val_prompts)
+            self.val_files[name] = write_rows(rows, self.out / f"val-{name}.jsonl")
+        self.state = _state(self.out)
+        if self.state["stages_done"] > 0:
+            self.trainer = GRPOTrainer.resume(config.train.out, log=log, engine=engine)
+        else:
+            self.trainer = GRPOTrainer(config.train, log=log, engine=engine)
+
+    # ------------------------------------------------------------------ behaviour trajectories
+    def _trajectories(self, data: Path) -> Path:
+        out = self.out / "trajectories" / f"{self.state['behaviour']}-{data.stem}"
+        t = self.config.train
+        report = run_rollouts(RolloutConfig(model=self.config.train.model, data=data, out=out, n=self.config.popi_n,
+                                            max_tokens=t.max_tokens, temperature=t.temperature, seed=self.config.seed,
+                                            behaviour=self.state["behaviour"], reward=t.reward, device=t.device),
+                              progress=False, llm=self.trainer.engine, tokenizer=self.trainer.tokenizer)
+        if report.trajectories:  # behaviour rollouts count in the accuracy-vs-rollouts curve
+            self.trainer.consume_rollouts(report.trajectories, f"behaviour {self.state['behaviour']}")
+        return out
+
+    def _ensure_behaviour(self, stage: int) -> dict[str, Path]:
+        """Behaviour trajectories for the pool and validation sets; (re)sampled when due."""
+        c = self.config
+        due = self.state["behaviour"] is None or (c.refresh_every and stage % c.refresh_every == 0 and stage > 0
+                                                    and self.state.get("behaviour_stage") != stage)
+        if due:
+            self.state["behaviour"] = f"stage{stage}"
+            self.state["behaviour_stage"] = stage
+            _save_state(self.out, self.state)
+        files = {"pool": self.pool_file, **{f"val-{n}": f for n, f in self.val_files.items()}}
+        return {split: self._trajectories(data) for split, data in files.items()}
+
+    def pass_rates(self, trajectories: Path) -> dict[str, float]:
+        table = read_trajectories(trajectories, columns=["prompt_id", "pass_rate"])
+        return dict(zip(table.column("prompt_id").to_pylist(), table.column("pass_rate").to_pylist()))
+
+    # ------------------------------------------------------------------ selection
+    def influence_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path]) -> list[str]:
+        c = self.config
+        store_path = self.out / "store"
+        spec = ProjectionSpec(dim=c.dim, seed=c.seed, mode=c.projection, keep_ratio=c.keep_ratio)
+        name = f"stage{stage}"
+        for split, traj in trajectories.items():
+            report = build_sketches(BuildConfig(model=checkpoint, data=None, store=store_path, checkpoint=name,
+                                                split=split, spec=spec, objective="popi", trajectories=traj,
+                                                device=c.train.device), progress=False)
+            self.log(f"stage {stage}: {split} sketches {report.added} new, {report.skipped} reused")
+        store = SketchStore.open(store_path, writable=True)
+        train = SplitRef(name, "pool")
+        vals = [SplitRef(name, f"val-{n}") for n in self.val_files]
+        score(store, train, vals, ScoreOptions(), progress=False)
+        return [s.id for s in select(store, train, vals, c.fraction, fusion=c.fusion)]
+
+    def stage_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path] | None) -> list[str]:
+        """The ids stage ``stage`` trains on (read back when already made, e.g. after a resume)."""
+        c = self.config
+        path = self.out / "selections" / f"stage{stage}.jsonl"
+        if path.is_file():
+            return [r["id"] for r in read_rows(path, required=("id",))]
+        if stage > 0 and c.strategy != "cropi":
+            ids = self.stage_selection(0, checkpoint, trajectories)
+        elif c.strategy in INFLUENCE_STRATEGIES:
+            ids = self.influence_selection(stage, checkpoint, trajectories)
+        else:
+            rates = self.pass_rates(trajectories["pool"]) if trajectories else {}
+            ids = static_selection(c.strategy, [r["id"] for r in self.pool_rows], rates, c.fraction, c.seed)
+        write_rows([{"id": i, "stage": stage} for i in ids], path)
+        return ids
+
+    def checkpoint(self, stage: int) -> Path:
+        """theta at the start of ``stage`` (saved once; present already after a resume)."""
+        path = self.config.train.out / CKPT_DIR / f"stage{stage}"
+        return path if path.is_dir() else self.trainer.save_checkpoint(f"stage{stage}")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        c = self.config
+        start = time.perf_counter()
+        by_id = {r["id"]: r for r in self.pool_rows}
+        needs_behaviour = c.strategy in INFLUENCE_STRATEGIES or c.strategy in ("learnability", "pass-rate")
+        for stage in range(self.state["stages_done"], c.stages):
+            checkpoint = self.checkpoint(stage)
+            fresh = stage == 0 or c.strategy == "cropi"
+            trajectories = self._ensure_behaviour(stage) if needs_behaviour and fresh else None
+            ids = self.stage_selection(stage, checkpoint, trajectories)
+            self.log(f"stage {stage}: {c.strategy} trains on {len(ids)} of {len(self.pool_rows)} prompts")
+            self.trainer.set_pool([by_id[i] for i in ids])
+            self.trainer.run(c.steps_per_stage)
+            self.trainer.save_checkpoint(f"stage{stage + 1}")
+            self.state["stages_done"] = stage + 1
+            self.state["config"] = {k: v for k, v in asdict(c).items() if k != "train"}
+            _save_state(self.out, self.state)
+        return {"strategy": c.strategy, "steps": self.trainer.step, "rollouts": self.trainer.rollouts,
+                "seconds": time.perf_counter() - start}
+
+    def close(self) -> None:
+        self.trainer.close()
