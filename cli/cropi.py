@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+from cropi.strategies import STRATEGIES
+from sketchstore.errors import BadInputError
+
 from .common import one_line_errors
 
 
@@ -56,8 +59,6 @@ def rollout_cmd(model, data, out, n, max_tokens, temperature, top_p, seed, behav
     click.echo(report.summary())
 
 
-if __name__ == "__main__":
-    main()
 
 
 # --------------------------------------------------------------------------------------
@@ -124,3 +125,82 @@ def grpo_cmd(model, data, out, steps, prompts_per_step, n, max_tokens, temperatu
                          dtype=dtype, threads=threads, reward=reward,
                          resume=bool(resume and latest_checkpoint(out) is not None))
     click.echo(train_grpo(config, progress=not quiet)["line"])
+
+
+def _curriculum_options(func):
+    """Options shared by `cropi train` and `cropi compare`."""
+    options = [
+        click.option("--model", required=True, type=click.Path(path_type=Path), help="Initial policy (HF directory); also POPI's behaviour policy."),
+        click.option("--pool", required=True, type=click.Path(path_type=Path), help="Prompt pool (tasks file)."),
+        click.option("--val", "val_sets", multiple=True, required=True, help="Validation set guiding selection: FILE or NAME=FILE (repeatable)."),
+        click.option("--eval", "eval_sets", multiple=True, help="Held-out evaluation set: FILE or NAME=FILE (repeatable)."),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory."),
+        click.option("--stages", default=4, show_default=True),
+        click.option("--steps-per-stage", default=10, show_default=True),
+        click.option("--fraction", default=0.1, show_default=True, help="Share of the pool selected per stage (paper: 10%)."),
+        click.option("--refresh-every", default=0, show_default=True, help="Re-sample behaviour trajectories every N stages (0: never, as the reference)."),
+        click.option("--popi-n", default=8, show_default=True, help="Behaviour trajectories per prompt for POPI."),
+        click.option("--dim", default=8192, show_default=True, help="Sketch length k."),
+        click.option("--prompts-per-step", default=16, show_default=True),
+        click.option("--n", default=8, show_default=True, help="Samples per prompt in GRPO steps."),
+        click.option("--max-tokens", default=48, show_default=True),
+        click.option("--lr", default=2e-4, show_default=True),
+        click.option("--eval-every", default=5, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _curriculum_config(strategy, model, pool, val_sets, eval_sets, out, stages, steps_per_stage, fraction,
+                       refresh_every, popi_n, dim, prompts_per_step, n, max_tokens, lr, eval_every, seed, device):
+    from cropi.curriculum import CurriculumConfig
+    from cropi.trainer import TrainConfig
+
+    train = TrainConfig(model=model, out=Path(out) / "train", eval_sets=_eval_sets_option(eval_sets) or None,
+                        prompts_per_step=prompts_per_step, n=n, max_tokens=max_tokens, lr=lr, eval_every=eval_every,
+                        seed=seed, device=device, steps=stages * steps_per_stage)
+    return CurriculumConfig(train=train, pool=pool, val_sets=_eval_sets_option(val_sets), strategy=strategy,
+                            stages=stages, steps_per_stage=steps_per_stage, fraction=fraction,
+                            refresh_every=refresh_every, popi_n=popi_n, dim=dim, seed=seed)
+
+
+@main.command("train")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="cropi", show_default=True)
+@_curriculum_options
+@one_line_errors
+def train_cmd(strategy, **options) -> None:
+    """Stagewise GRPO with per-stage data selection (CROPI by default); resumable."""
+    from cropi.curriculum import Curriculum
+
+    curriculum = Curriculum(_curriculum_config(strategy, **options), log=click.echo)
+    try:
+        report = curriculum.run()
+    finally:
+        curriculum.close()
+    click.echo(f"{report['strategy']}: {report['steps']} steps, {report['rollouts']} rollouts, {report['seconds']:.0f}s "
+               f"-> {options['out']}")
+
+
+@main.command("compare")
+@click.option("--strategies", default="cropi,random", show_default=True,
+              help=f"Comma-separated, from {', '.join(STRATEGIES)}; the full pool is always included.")
+@_curriculum_options
+@one_line_errors
+def compare_cmd(strategies, **options) -> None:
+    """Run several strategies under one step budget and seed; report accuracy and acceleration."""
+    from cropi.compare import run_comparison
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        raise BadInputError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    base = _curriculum_config("full", **{**options, "out": Path(options["out"]) / "full"})
+    result = run_comparison(base, names, Path(options["out"]), log=click.echo)
+    click.echo(f"plots: {', '.join(result['plots'])}")
+
+
+if __name__ == "__main__":
+    main()
