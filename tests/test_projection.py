@@ -297,6 +297,23 @@ def test_dtypes_and_threads(grads):
     assert torch.equal(SparseProjector(spec).project({"w": wt}), SparseProjector(spec).project({"w": wt.contiguous()}))
 
 
+def test_projecting_leaves_torch_thread_settings_alone():
+    import threading
+
+    torch.set_num_threads(2)
+    try:
+        proj = SparseProjector(ProjectionSpec(dim=64), num_threads=2)
+        proj.project({"w": torch.randn(3, 1000)})
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_large_parameter_spans_hash_blocks_and_cache_is_bounded():
     torch.manual_seed(5)
     n = HASH_BLOCK + 12_345
