@@ -57,9 +57,9 @@ Memory: the bucket codes of each hash block are kept in an LRU cache bounded by
 per kept coordinate a 1B-parameter model at keep_ratio 1 needs 2 GB to stay fully
 cached (kept-coordinate positions add 4 bytes per kept coordinate when keep_ratio <
 1). A miss regenerates the block (~4 ms per 2**20 coordinates). Temporary memory: each
-thread that projects keeps a reusable scratch of ~32 MB (float32 values for the cast or
-gather, int64 bucket codes and positions), plus one (rows, 2k) float32 accumulator per
-hash block in flight; batches of more than 64 rows are processed in groups of 64.
+projector thread keeps a reusable scratch of at most 32 MB (float32 values for the cast
+or gather, int64 bucket codes and positions; ~4-8 MB at B = 8), plus one (rows, 2k)
+float32 accumulator per hash block in flight; batches of more than 64 rows are processed in groups of 64.
 Non-contiguous inputs are copied (one row group of one parameter at a time).
 
 Threads: on CPU the work runs in the projector's own threads -- a driver that sums
@@ -387,14 +387,16 @@ class SparseProjector(Projector):
         return value
 
     def _scratch(self, rows: int, cols: int, device: torch.device):
-        """Per-thread reusable buffers: int64 bucket codes, int64 positions, float32 values."""
+        """Per-thread reusable buffers (grown on demand, never per chunk): int64 bucket
+        codes, int64 positions, float32 values (at most ~_CHUNK_VALUES + 2 * _CHUNK)."""
         buf = getattr(self._local, "buf", None)
         if buf is None or buf[2].device != device or buf[0].numel() < cols or buf[2].numel() < rows * cols:
-            size = max(cols, _CHUNK)
+            n_idx = max(cols, 0 if buf is None else buf[0].numel())
+            n_val = max(rows * cols, 0 if buf is None else buf[2].numel())
             buf = self._local.buf = (
-                torch.empty(size, dtype=torch.int64, device=device),
-                torch.empty(size, dtype=torch.int64, device=device),
-                torch.empty(max(rows * cols, _CHUNK_VALUES), dtype=torch.float32, device=device),
+                torch.empty(n_idx, dtype=torch.int64, device=device),
+                torch.empty(n_idx, dtype=torch.int64, device=device),
+                torch.empty(n_val, dtype=torch.float32, device=device),
             )
         return buf[0][:cols], buf[1][:cols], buf[2][: rows * cols].view(rows, cols)
 
