@@ -425,7 +425,10 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
 
     The layout is decided from the columns of the first row: ``prompt`` + ``answer``
     (native), ``question`` + ``answer`` (GSM8K, ``#### 42``), ``problem`` + ``solution``
-    (MATH, ``\\boxed{}``). Raises BadInputError naming ``source`` on problems.
+    (MATH: answer = last ``\\boxed{}``; an ``answer`` column, as in MATH-500, wins) or
+    ``problem`` + ``answer``. Ids: ``id``, else ``unique_id``, else :func:`stable_id` of the
+    prompt (``-1``, ``-2``... appended for repeated prompts). Raises BadInputError naming
+    ``source`` on problems (duplicate ids, missing columns, no final answer).
     """
     if not raw:
         raise BadInputError(f"{source}: no rows")
@@ -434,14 +437,14 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
         layout = "native"
     elif {"question", "answer"} <= cols:
         layout = "gsm8k"
-    elif {"problem", "solution"} <= cols:
+    elif "problem" in cols and ("solution" in cols or "answer" in cols):
         layout = "math"
     else:
         raise BadInputError(
             f"{source}: missing required columns: need prompt+answer, question+answer (GSM8K) "
-            f"or problem+solution (MATH); found {sorted(cols)}"
+            f"or problem+solution/answer (MATH); found {sorted(cols)}"
         )
-    need = {"native": ("prompt", "answer"), "gsm8k": ("question", "answer"), "math": ("problem", "solution")}[layout]
+    need = {"native": ("prompt", "answer"), "gsm8k": ("question", "answer"), "math": ("problem",)}[layout]
     out: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     derived_count: dict[str, int] = {}
@@ -466,23 +469,25 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             difficulty = _as_int(r.get("difficulty"))
         else:
             prompt = str(r["problem"])
-            solution = str(r["solution"])
-            boxed = extract_boxed(solution)
+            solution = "" if r.get("solution") is None else str(r["solution"])
             if r.get("answer") not in (None, ""):
                 answer = _answer_str(r["answer"])
-            elif boxed is None:
-                raise BadInputError(f"{source}: row {k}: MATH solution has no \\boxed{{...}} answer")
             else:
+                boxed = extract_boxed(solution)
+                if boxed is None:
+                    raise BadInputError(f"{source}: row {k}: MATH solution has no \\boxed{{...}} answer "
+                                        "(and no answer column)")
                 answer = boxed
             response = solution
             typ = r.get("type") or r.get("subject")
             family = str(r.get("family") or (f"math/{typ}" if typ else "math"))
             difficulty = _as_int(r.get("difficulty", r.get("level")))
-            extra = {c: v for c, v in extra.items() if c not in ("answer",)}
+            extra = {c: v for c, v in extra.items() if c not in ("answer", "solution")}
         if not answer:
             raise BadInputError(f"{source}: row {k}: empty answer")
-        if r.get("id") not in (None, ""):
-            rid = str(r["id"])
+        given_id = r.get("id") if r.get("id") not in (None, "") else r.get("unique_id")
+        if given_id not in (None, ""):
+            rid = str(given_id)
         else:
             base = stable_id(prompt)
             nth = derived_count.get(base, 0)

@@ -161,6 +161,17 @@ def test_math_layout_nested_boxed(tmp_path):
     assert math_verify_reward("The answer is 0.75.", got[0]["answer"], stats=RewardStats()) == 1.0
 
 
+def test_math500_layout_answer_column_and_unique_id(tmp_path):
+    rows = [{"problem": "What is $\\frac{1}{2}+\\frac{1}{2}$?", "solution": "It is \\boxed{1}.", "answer": "1",
+             "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"},
+            {"problem": "AIME-style, no solution", "answer": "204", "unique_id": "aime/1"}]
+    got = read_tasks(_write_jsonl(tmp_path / "m500.jsonl", rows))
+    assert [g["id"] for g in got] == ["test/algebra/1.json", "aime/1"]
+    assert [g["answer"] for g in got] == ["1", "204"]
+    assert got[0]["difficulty"] == 1 and got[0]["family"] == "math/Algebra"
+    assert got[1]["response"] == "" and "solution" not in got[0]
+
+
 def test_extract_boxed():
     assert extract_boxed("a \\boxed{x^{2}} b \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
     assert extract_boxed("\\boxed 5") == "5"
