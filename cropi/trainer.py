@@ -101,7 +101,7 @@ from sketchstore.errors import BadInputError
 from .engine import DEVICES, make_engine, sync_weights
 from .grpo import DEFAULT_LOSS_AGG, LOSS_AGGS, grpo_loss, token_logprobs_from_logits
 from .rewards import RewardStats, get_reward, list_rewards
-from .rollout import RolloutConfig, encode_prompt, sample_groups
+from .rollout import RolloutConfig, _int, encode_prompt, sample_groups
 from .tasks import read_tasks, write_tasks
 
 __all__ = [
@@ -137,14 +137,6 @@ def _derive_seed(*parts: Any) -> int:
 # --------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadInputError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise BadInputError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _float(name: str, value: Any, minimum: float | None = None, strict: bool = False) -> float:
