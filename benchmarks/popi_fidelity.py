@@ -1,8 +1,8 @@
 """How faithful are POPI influence scores, and what does coordinate dropping do to them?
 
 Part 1 (off-policy drift). beta = the warm-started embedded policy. Pool and validation
-prompts get K trajectories from beta (real vLLM engine). theta_d = beta after d supervised
-steps on other tasks. For each d, pool prompts are scored (cosine of the prompt's sketch
+prompts get K trajectories from beta (real vLLM engine). theta_d = beta after d GRPO steps
+on the pool (one run, the drift a curriculum's stage checkpoints see). For each d, pool prompts are scored (cosine of the prompt's sketch
 with the mean normalised validation sketch) by
   (a) POPI: gradients at theta_d from beta's old trajectories (importance-weighted), and
   (b) on-policy: gradients at theta_d from fresh theta_d trajectories (the exact online
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -38,7 +39,8 @@ import torch
 from cropi.engine import make_engine, sync_weights
 from cropi.rollout import RolloutConfig, run_rollouts
 from cropi.tasks import generate_tasks
-from cropi.tiny_model import encode_sft, ensure_warm_model, load_policy, save_tokenizer
+from cropi.tiny_model import ensure_warm_model, load_policy
+from cropi.trainer import GRPOTrainer, TrainConfig
 from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
                          load_scores, score)
 from sketchstore.data import write_rows
@@ -75,29 +77,20 @@ def overlap(a: dict[str, float], b: dict[str, float]) -> float:
     return len(top_set(a) & top_set(b)) / len(top_set(b))
 
 
-def drift_model(beta_dir: Path, out_dir: Path, steps: int, seed: int) -> Path:
-    """theta = beta after ``steps`` supervised AdamW steps on tasks unlike the pool."""
-    if steps == 0:
-        return beta_dir
-    model, tok = load_policy(beta_dir)
-    torch.manual_seed(seed)
-    rows = generate_tasks(steps * 8, seed=seed + 77, difficulty=[4, 5], families=["arith"])
-    data = encode_sft(tok, rows)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    for step in range(steps):
-        batch = data[step * 8:(step + 1) * 8]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(out_dir)
-    save_tokenizer(tok, out_dir)
-    return out_dir
+def drift_models(beta_dir: Path, pool: Path, out_dir: Path, steps: list[int], lr: float, llm) -> dict[int, Path]:
+    """theta_d = beta after d GRPO steps on the pool (the drift CROPI's stage checkpoints see),
+    one run with a checkpoint at every d; the engine is left holding the last theta."""
+    thetas = {0: beta_dir} if 0 in steps else {}
+    later = sorted(d for d in steps if d > 0)
+    if not later:
+        return thetas
+    config = TrainConfig(model=beta_dir, out=out_dir, train=pool, steps=later[-1], lr=lr, eval_sets=None,
+                         eval_at_start=False, eval_every=0, plots=False, seed=0)
+    trainer = GRPOTrainer(config, log=lambda _: None, engine=llm)
+    for d in later:
+        trainer.run(d - trainer.step)
+        thetas[d] = trainer.save_checkpoint(f"grpo-{d}")
+    return thetas
 
 
 def mean_kl(beta_traj: Path, theta_dir: Path) -> float:
@@ -115,15 +108,28 @@ def mean_kl(beta_traj: Path, theta_dir: Path) -> float:
     return total / max(count, 1)
 
 
-def popi_scores(model_dir: Path, pool_traj: Path, val_traj: Path, store: Path, checkpoint: str, dim: int) -> dict[str, float]:
+def popi_scores(model_dir: Path, pool_traj: Path, val_traj: Path, store: Path, checkpoint: str,
+                dim: int) -> dict[str, float] | None:
+    """Cosine influence of each pool prompt at ``model_dir``; None when every validation prompt
+    has zero advantage (all rewards equal), where cosine scores are undefined."""
     spec = ProjectionSpec(dim=dim, seed=0)
     for traj, split in ((pool_traj, "pool"), (val_traj, "val")):
         build_sketches(BuildConfig(model=model_dir, data=None, store=store, checkpoint=checkpoint, split=split,
                                    spec=spec, objective="popi", trajectories=traj), progress=False)
     s = SketchStore.open(store, writable=True)
     train, vals = SplitRef(checkpoint, "pool"), [SplitRef(checkpoint, "val")]
+    if not any(n > 0 for n in s.manifest(checkpoint, "val").column("grad_norm").to_pylist()):
+        return None
     score(s, train, vals, ScoreOptions(), progress=False)
     return load_scores(s, train, vals)[vals[0]]
+
+
+def compare_scores(a: dict[str, float] | None, b: dict[str, float] | None) -> tuple[float, float]:
+    """(Spearman, top-10% overlap of ``a`` with ``b``); NaN when either is undefined."""
+    if a is None or b is None:
+        return math.nan, math.nan
+    ids = sorted(b)
+    return spearman([a[i] for i in ids], [b[i] for i in ids]), overlap(a, b)
 
 
 def drift_experiment(args, work: Path, beta: Path, pool_path: Path, val_path: Path, llm) -> list[dict]:
@@ -134,12 +140,12 @@ def drift_experiment(args, work: Path, beta: Path, pool_path: Path, val_path: Pa
         return out
 
     beta_pool, beta_val = rollouts(beta, pool_path, "beta", 1), rollouts(beta, val_path, "beta", 1)
+    thetas = drift_models(beta, pool_path, work / "drift", args.drift_steps, args.drift_lr, llm)
     results = []
     for d in args.drift_steps:
         t0 = time.perf_counter()
-        theta = drift_model(beta, work / f"theta{d}", d, seed=d)
-        theta_model, _ = load_policy(theta)
-        sync_weights(llm, theta_model)
+        theta = thetas[d]
+        sync_weights(llm, load_policy(theta)[0])
         name = f"theta{d}"
         store = work / f"store-{name}"
         off = popi_scores(theta, beta_pool, beta_val, store, f"{name}-offpolicy", args.dim)
@@ -147,12 +153,11 @@ def drift_experiment(args, work: Path, beta: Path, pool_path: Path, val_path: Pa
                          store, f"{name}-onpolicy", args.dim)
         again = popi_scores(theta, rollouts(theta, pool_path, name, 3), rollouts(theta, val_path, name, 3),
                             store, f"{name}-onpolicy2", args.dim)
-        ids = sorted(on)
+        rho, top = compare_scores(off, on)
+        rho_again, top_again = compare_scores(again, on)
         row = {"drift_steps": d, "kl_beta_theta": mean_kl(beta_pool, theta),
-               "spearman_popi_vs_onpolicy": spearman([off[i] for i in ids], [on[i] for i in ids]),
-               "top10_overlap_popi_vs_onpolicy": overlap(off, on),
-               "spearman_onpolicy_reseed": spearman([again[i] for i in ids], [on[i] for i in ids]),
-               "top10_overlap_onpolicy_reseed": overlap(again, on),
+               "spearman_popi_vs_onpolicy": rho, "top10_overlap_popi_vs_onpolicy": top,
+               "spearman_onpolicy_reseed": rho_again, "top10_overlap_onpolicy_reseed": top_again,
                "top10_overlap_random": TOP_FRACTION, "seconds": time.perf_counter() - t0}
         results.append(row)
         print(json.dumps(row))
@@ -247,11 +252,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="behaviour policy (default: the warm-started demo policy)")
     parser.add_argument("--pool", type=int, default=160)
     parser.add_argument("--val", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8, help="trajectories per prompt")
+    parser.add_argument("--k", type=int, default=16, help="trajectories per prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--dim", type=int, default=8192)
-    parser.add_argument("--drift-steps", type=int, nargs="+", default=[0, 10, 30, 100])
+    parser.add_argument("--drift-steps", type=int, nargs="+", default=[0, 10, 30, 100], help="GRPO steps from beta")
+    parser.add_argument("--drift-lr", type=float, default=2e-4, help="GRPO learning rate of the drift run")
     parser.add_argument("--ablation-dims", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = parser.parse_args()

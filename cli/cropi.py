@@ -1,7 +1,8 @@
 """The ``cropi`` command: curriculum RL with off-policy influence, one subcommand per step.
 
-``rollout`` samples behaviour-policy trajectories with vLLM. Other steps (``train``,
-``compare``, ...) are added as further subcommands of :func:`main`.
+``rollout`` samples behaviour-policy trajectories with vLLM, ``grpo`` trains on a whole pool,
+``train`` runs one stagewise strategy (CROPI by default), ``compare`` runs several under one
+budget and reports the acceleration, ``demo`` does all of it offline on the embedded policy.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from cropi.compare import METRICS
+from cropi.demo import DemoConfig
 from cropi.strategies import STRATEGIES
 from sketchstore.errors import BadInputError
 
@@ -187,19 +190,46 @@ def train_cmd(strategy, **options) -> None:
 @main.command("compare")
 @click.option("--strategies", default="cropi,random", show_default=True,
               help=f"Comma-separated, from {', '.join(STRATEGIES)}; the full pool is always included.")
+@click.option("--metric", type=click.Choice(METRICS), default="greedy", show_default=True,
+              help="Accuracy behind the acceleration: greedy, or sampled pass@1 (needs --eval-samples > 0).")
+@click.option("--eval-samples", default=4, show_default=True, help="Samples per eval prompt for sampled pass@1.")
 @_curriculum_options
 @one_line_errors
-def compare_cmd(strategies, **options) -> None:
+def compare_cmd(strategies, metric, eval_samples, **options) -> None:
     """Run several strategies under one step budget and seed; report accuracy and acceleration."""
     from cropi.compare import run_comparison
 
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    names = list(_strategy_list(strategies))
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         raise BadInputError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     base = _curriculum_config("full", **{**options, "out": Path(options["out"]) / "full"})
-    result = run_comparison(base, names, Path(options["out"]), log=click.echo)
+    base.train.eval_samples = eval_samples
+    result = run_comparison(base, names, Path(options["out"]), log=click.echo, metric=metric)
     click.echo(f"plots: {', '.join(result['plots'])}")
+
+
+def _strategy_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/cropi-demo"), show_default=True)
+@click.option("--model-cache", type=click.Path(path_type=Path), default=Path(".cache/models"), show_default=True,
+              help="Where the warm-started demo policy is cached (made on the first run).")
+@click.option("--strategies", default="cropi,random", show_default=True,
+              help=f"Compared with the full pool; from {', '.join(STRATEGIES)}.")
+@click.option("--stages", default=DemoConfig.stages, show_default=True)
+@click.option("--steps-per-stage", default=DemoConfig.steps_per_stage, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@one_line_errors
+def demo_cmd(out, model_cache, strategies, stages, steps_per_stage, seed, device) -> None:
+    """CROPI vs full-pool GRPO vs random 10% on the embedded policy; prints the acceleration."""
+    from cropi.demo import run_demo
+
+    run_demo(DemoConfig(out=out, model_cache=model_cache, strategies=_strategy_list(strategies), stages=stages,
+                        steps_per_stage=steps_per_stage, seed=seed, device=device), log=click.echo)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Acceleration of a method (the paper's headline figure, 2.66x on a 1.5B model): the steps
 the full-pool run needs to first reach its best accuracy, divided by the steps the method
-needs to first reach that same accuracy. Accuracy is greedy pass@1 averaged over the
-evaluation sets, read from each run's evaluation log. A method that never reaches it has
+needs to first reach that same accuracy. Accuracy is pass@1 averaged over the evaluation
+sets, read from each run's evaluation log: greedy by default, or ``sampled`` (the mean reward
+of the evaluation samples at the training temperature, what GRPO optimises). A method that never reaches it has
 no acceleration (reported as null), and one that starts at or above it is reported as
 "reached at step 0" (the ratio is then undefined too).
 """
@@ -14,13 +15,16 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from sketchstore.errors import BadInputError
 
 from .curriculum import Curriculum, CurriculumConfig
-from .engine import make_engine
+from .engine import close_engine, make_engine
 from .trainer import read_log
 
 BASELINE = "full"
+METRICS = ("greedy", "sampled")
 
 
 def accuracy_curve(run_dir: Path, kind: str = "greedy") -> list[tuple[int, int, float]]:
@@ -46,7 +50,8 @@ def acceleration(full: Sequence[tuple[int, int, float]], method: Sequence[tuple[
     return {"target_accuracy": best, "full_steps": full_steps, "method_steps": method_steps, "acceleration": ratio}
 
 
-def plot_comparison(path_prefix: Path, curves: dict[str, list[tuple[int, int, float]]]) -> list[Path]:
+def plot_comparison(path_prefix: Path, curves: dict[str, list[tuple[int, int, float]]],
+                    metric: str = "greedy") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +63,7 @@ def plot_comparison(path_prefix: Path, curves: dict[str, list[tuple[int, int, fl
         for name, curve in curves.items():
             ax.plot([c[index] for c in curve], [c[2] for c in curve], "o-", label=name, markersize=3)
         ax.set_xlabel(label)
-        ax.set_ylabel("greedy pass@1 (mean over eval sets)")
+        ax.set_ylabel(f"{metric} pass@1 (mean over eval sets)")
         ax.legend()
         ax.set_title(f"Accuracy vs {label}")
         fig.tight_layout()
@@ -83,34 +88,42 @@ def results_table(results: dict[str, dict]) -> str:
 
 
 def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
-                   log: Callable[[str], None] = print) -> dict:
-    """Run each strategy (same seed, same stages and steps) under ``out/<strategy>``; report."""
+                   log: Callable[[str], None] = print, metric: str = "greedy", engine: Any = None) -> dict:
+    """Run each strategy (same seed, same stages and steps) under ``out/<strategy>``; report
+    accuracy (``metric``: greedy or sampled pass@1) and acceleration over the full pool. All
+    arms share one live engine: ``engine`` if given, else one started (and shut down) here."""
+    if metric not in METRICS:
+        raise BadInputError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "sampled" and not base.train.eval_samples:
+        raise BadInputError("metric 'sampled' needs eval_samples > 0 in the training config")
     if BASELINE not in strategies:
         strategies = [BASELINE, *strategies]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = None
+    t = base.train
+    own_engine = engine is None
+    if own_engine:
+        engine = make_engine(t.model, seed=t.seed, device=t.device, dtype=t.dtype, max_model_len=t.max_model_len,
+                             kv_cache_gib=t.kv_cache_gib, gpu_memory_utilization=t.gpu_memory_utilization,
+                             cpu_threads=t.threads)
     results: dict[str, dict] = {}
     curves = {}
-    for strategy in strategies:
-        start = time.perf_counter()
-        train = replace(base.train, out=out / strategy / "train")
-        config = replace(base, train=train, strategy=strategy)
-        if engine is None:
-            t = base.train
-            engine = make_engine(t.model, seed=t.seed, device=t.device, dtype=t.dtype, max_model_len=t.max_model_len,
-                                 kv_cache_gib=t.kv_cache_gib, gpu_memory_utilization=t.gpu_memory_utilization,
-                                 cpu_threads=t.threads)
-        log(f"== {strategy}")
-        curriculum = Curriculum(config, log=log, engine=engine)
-        report = curriculum.run()
-        curves[strategy] = accuracy_curve(train.out)
-        results[strategy] = {**report, "seconds": time.perf_counter() - start,
-                             "best_accuracy": max(c[2] for c in curves[strategy]),
-                             "final_accuracy": curves[strategy][-1][2], "curve": curves[strategy]}
+    try:
+        for strategy in strategies:
+            start = time.perf_counter()
+            train = replace(t, out=out / strategy / "train")
+            log(f"== {strategy}")
+            report = Curriculum(replace(base, train=train, strategy=strategy), log=log, engine=engine).run()
+            curves[strategy] = accuracy_curve(train.out, metric)
+            results[strategy] = {**report, "seconds": time.perf_counter() - start,
+                                 "best_accuracy": max(c[2] for c in curves[strategy]),
+                                 "final_accuracy": curves[strategy][-1][2], "curve": curves[strategy]}
+    finally:
+        if own_engine:
+            close_engine(engine)
     for strategy in results:
         results[strategy]["acceleration"] = acceleration(curves[BASELINE], curves[strategy])
-    plots = plot_comparison(out / "accuracy", curves)
+    plots = plot_comparison(out / "accuracy", curves, metric)
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))

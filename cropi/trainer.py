@@ -98,7 +98,7 @@ import torch
 
 from sketchstore.errors import BadInputError
 
-from .engine import DEVICES, make_engine, sync_weights
+from .engine import DEVICES, close_engine, make_engine, sync_weights
 from .grpo import DEFAULT_LOSS_AGG, LOSS_AGGS, grpo_loss, token_logprobs_from_logits
 from .rewards import RewardStats, get_reward, list_rewards
 from .rollout import RolloutConfig, _int, encode_prompt, sample_groups
@@ -982,12 +982,7 @@ class GRPOTrainer:
         """Drop the engine (frees its KV cache) unless it was handed in by the caller."""
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None and getattr(self, "_owns_engine", True):
-            with contextlib.suppress(Exception):
-                engine.llm_engine.engine_core.shutdown()
-            del engine
-            import gc
-
-            gc.collect()
+            close_engine(engine)
 
     def __enter__(self) -> "GRPOTrainer":
         return self
