@@ -18,7 +18,8 @@ from sketchstore.summary import describe, format_table
 
 from .common import one_line_errors
 
-STORE = click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Sketch store directory.")
+STORE = click.option("--store", "store_path", required=True,
+                     help="Sketch store: a directory, or an object-storage URL such as s3://bucket/prefix.")
 TRAIN = click.option("--train", required=True, help="Train rows as CHECKPOINT:SPLIT.")
 VAL = click.option("--val", required=True, help="Validation sets as CKPT:SPLIT[,CKPT:SPLIT...].")
 METRIC = click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True)

@@ -52,7 +52,7 @@ class BuildConfig:
 
     model: Path
     data: Path | None
-    store: Path
+    store: Path | str  # a directory, or a URL such as s3://bucket/prefix
     checkpoint: str
     split: str
     spec: ProjectionSpec = field(default_factory=ProjectionSpec)
@@ -133,7 +133,7 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     not yet stored under (checkpoint, split)."""
     start = time.perf_counter()
     rows = _rows(config)
-    if (Path(config.store) / "zarr.json").exists():  # fail fast, before loading the model
+    if SketchStore.exists(config.store):  # fail fast, before loading the model
         existing = SketchStore.open(config.store, writable=True).spec
         existing.check_compatible(replace(config.spec, param_hash=existing.param_hash), what=f"sketches for {config.store}")
     model, tokenizer = load_model(config.model, config.device)

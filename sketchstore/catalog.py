@@ -3,16 +3,19 @@
 ``sketches``: one row per stored sketch: id, checkpoint, split, part, row, location (the
 Zarr array holding it), grad_norm, sketch_norm, n_tokens, model_fingerprint and the
 per-prompt metadata the builder had. ``scores``: one row per (train row, validation set,
-metric, aggregation) score. The views read the Parquet files at query time, so they always
-show exactly the committed parts.
+metric, aggregation) score. The views read the Parquet files at query time and show exactly
+the committed parts (on object storage: those committed when the connection was made).
+Object storage is read through the store's fsspec filesystem, registered with DuckDB, so no
+DuckDB extension has to be downloaded.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import duckdb
 
+from .backend import PARTS_DIR, SCORES_DIR
 from .errors import BadInputError
 
 if TYPE_CHECKING:
@@ -32,19 +35,25 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def quote_list(texts: Sequence[str]) -> str:
+    """A SQL list literal of strings (``read_parquet`` takes one of paths or globs)."""
+    return "[" + ", ".join(quote_literal(text) for text in texts) + "]"
+
+
 def connect(store: "SketchStore") -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the ``sketches`` and ``scores`` views of ``store``."""
-    con = duckdb.connect()
-    parts_root = str(store.path / "parts")
+    con = store.backend.duckdb()
+    parts_root = store.backend.location(PARTS_DIR)
     if store.part_names():
         con.execute(
             "CREATE VIEW sketches AS SELECT *, "
             f"{quote_literal(parts_root)} || '/' || part || '/sketches' AS location "
-            f"FROM read_parquet({quote_literal(store.manifest_glob())}, union_by_name = true)")
+            f"FROM read_parquet({quote_list(store.manifest_sources())}, union_by_name = true)")
     else:
         con.execute(f"CREATE VIEW sketches AS SELECT {SKETCH_COLUMNS_WHEN_EMPTY} WHERE false")
-    if any(store.score_files()):
-        con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({quote_literal(store.score_glob())}, union_by_name = true)")
+    if store.score_files():
+        scores = store.backend.location(f"{SCORES_DIR}/*/*.parquet")
+        con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({quote_literal(scores)}, union_by_name = true)")
     else:
         con.execute(f"CREATE VIEW scores AS SELECT {SCORE_COLUMNS_WHEN_EMPTY} WHERE false")
     return con

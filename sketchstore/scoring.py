@@ -193,9 +193,9 @@ def load_scores(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef],
 
 def _read_key(store: SketchStore, key: str) -> dict[str, float]:
     """id -> score for one score key (empty when never scored)."""
-    folder = store.path / "scores" / key
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+    files = store.score_files(key)
+    if not files:
         return {}
     _, rows = catalog.query(store, "SELECT id, any_value(score) FROM read_parquet("
-                            + catalog.quote_literal(str(folder / "*.parquet")) + ") GROUP BY id")
+                            + catalog.quote_list(files) + ") GROUP BY id")
     return dict(rows)

@@ -1,32 +1,29 @@
-"""The on-disk sketch store: a Zarr v3 hierarchy of immutable parts plus Parquet manifests.
+"""The sketch store: a Zarr v3 hierarchy of immutable parts plus Parquet manifests.
 
-Layout of a store directory::
+Layout of a store (a directory, or a prefix on object storage such as ``s3://bucket/path``)::
 
     zarr.json                    root group; attributes hold the projection spec (written once)
     parts/<part>/sketches/       one Zarr array (rows x k) per committed part
     parts/<part>/manifest.parquet  one row per visible sketch: id, checkpoint, split, row, norms, metadata
     scores/<key>/<run>.parquet   influence scores (see scoring.py)
-    .staging/                    parts being written; never read
-    .lock                        taken only while a part is committed
+    .staging/                    directory stores: parts being written; never read
+    log/<seq>.json               object stores: the commit log naming the committed parts
 
 Rows are stored unit-normalised (x/|x|) with |x| in the manifest: any gradient scale fits
 the fp16/bf16 range at full relative precision, and cosine scoring reads rows as stored.
-A part is written under ``.staging`` and renamed into ``parts/`` when complete, so a reader
-sees whole parts or nothing. At commit time, under the lock, keys that another writer
-already committed are left out of the new manifest, so two writers never duplicate a key.
-Rows are keyed by (id, checkpoint, split).
+A reader sees whole committed parts or nothing; how a part is committed (rename under a lock,
+or a conditional PUT of a log entry) is the backend's job (backend.py). Commits are
+serialised, and keys that another writer already committed are left out of the new
+manifest, so two writers never duplicate a key. Rows are keyed by (id, checkpoint, split).
 """
-
 from __future__ import annotations
 
-import fcntl
+import io
 import json
 import os
-import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -37,18 +34,15 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from .backend import STAGING_DIR  # noqa: F401  (part of the store layout; tests and tools name it)
+from .backend import MANIFEST_NAME, PARTS_DIR, ROOT_METADATA, SCORES_DIR, Backend, new_name, open_backend, reason
 from .codecs import DEFAULT_CHUNK_BYTES, DEFAULT_COMPRESSOR, codec_chain, from_storage, parse_compressor, storage_numpy_dtype, to_storage
 from .errors import BadInputError, CorruptDataError, SketchStoreError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
 from .spec import ProjectionSpec
 
 FORMAT_NAME = "sketchstore"
 FORMAT_VERSION = 1
-PARTS_DIR = "parts"
-SCORES_DIR = "scores"
-STAGING_DIR = ".staging"
-LOCK_FILE = ".lock"
 ARRAY_NAME = "sketches"
-MANIFEST_NAME = "manifest.parquet"
 KEY_COLUMNS = ("id", "checkpoint", "split")
 SOURCE_COLUMNS = ("model_fingerprint", "objective")
 RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens") + SOURCE_COLUMNS
@@ -110,10 +104,12 @@ def _metadata_columns(metadata: Sequence[dict], n: int) -> dict[str, list]:
 
 
 class SketchStore:
-    """A directory of sketch parts sharing one projection spec. Use ``create``/``open``."""
+    """Sketch parts sharing one projection spec, in a directory or on object storage.
+    Use ``create``/``open``/``open_or_create``."""
 
-    def __init__(self, path: Path, info: StoreInfo, writable: bool) -> None:
-        self.path = path
+    def __init__(self, backend: Backend, info: StoreInfo, writable: bool) -> None:
+        self.backend = backend
+        self.path = backend.root
         self.info = info
         self.writable = writable
 
@@ -122,72 +118,54 @@ class SketchStore:
     def spec(self) -> ProjectionSpec:
         return self.info.spec
 
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether ``path`` (a directory or a URL such as ``s3://bucket/prefix``) holds a store's root metadata."""
+        return _io(lambda: open_backend(path).exists(ROOT_METADATA), f"cannot reach store {os.fspath(path)}")
+
     @classmethod
     def open(cls, path: str | os.PathLike, writable: bool = False) -> "SketchStore":
         """Open an existing store; raises StoreNotFoundError when ``path`` is not one."""
-        path = Path(path)
-        root = path / "zarr.json"
-        if not path.exists():
+        backend = open_backend(path)
+        path = backend.root
+        if not _io(backend.exists, f"cannot reach store {path}"):
             raise StoreNotFoundError(f"sketch store not found: {path}")
-        if not root.is_file():
+        if not _io(lambda: backend.exists(ROOT_METADATA), f"cannot reach store {path}"):
             raise StoreNotFoundError(f"not a sketch store (no zarr.json): {path}")
         try:
-            attrs = json.loads(root.read_text()).get("attributes", {}).get(FORMAT_NAME)
+            attrs = json.loads(backend.read_bytes(ROOT_METADATA)).get("attributes", {}).get(FORMAT_NAME)
         except (OSError, json.JSONDecodeError) as err:
-            raise CorruptDataError(f"store root metadata {root} is unreadable: {err}") from err
+            raise CorruptDataError(f"store root metadata {backend.location(ROOT_METADATA)} is unreadable: {err}") from err
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise StoreNotFoundError(f"not a sketch store (zarr group without sketchstore attributes): {path}")
         if attrs.get("version") != FORMAT_VERSION:
             raise SpecMismatchError(f"store {path} has format version {attrs.get('version')}, this library reads {FORMAT_VERSION}")
         info = StoreInfo(ProjectionSpec.from_dict(attrs["spec"]), attrs["compressor"], int(attrs["chunk_rows"]))
-        if writable and not os.access(path, os.W_OK):
-            raise BadInputError(f"store {path} is read-only")
-        return cls(path, info, writable)
+        if writable:
+            _io(backend.check_writable, f"cannot write to store {path}")
+        return cls(backend, info, writable)
 
     @classmethod
     def create(cls, path: str | os.PathLike, spec: ProjectionSpec, compressor: str = DEFAULT_COMPRESSOR,
                chunk_rows: int | None = None) -> "SketchStore":
-        """Create a new empty store at ``path`` (which must not exist or be an empty directory)."""
-        path = Path(path)
+        """Create a new empty store at ``path`` (which must not exist or be empty)."""
+        backend = open_backend(path)
         parse_compressor(compressor)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreNotFoundError(f"cannot create a store at {path}: it exists and is not an empty directory")
         info = StoreInfo(spec, compressor, chunk_rows or default_chunk_rows(spec))
-        staging = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
-        try:
-            group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
-            group.attrs[FORMAT_NAME] = info.to_attrs()
-            for sub in (PARTS_DIR, SCORES_DIR, STAGING_DIR):
-                (staging / sub).mkdir()
-            if path.exists():
-                path.rmdir()
-            staging.rename(path)
-        except OSError as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise BadInputError(f"cannot create store at {path}: {err.strerror or err}") from err
-        return cls(path, info, writable=True)
+        _io(lambda: backend.create({FORMAT_NAME: info.to_attrs()}), f"cannot create store at {backend.root}")
+        return cls(backend, info, writable=True)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, spec: ProjectionSpec, compressor: str = DEFAULT_COMPRESSOR,
                        chunk_rows: int | None = None) -> "SketchStore":
         """Open ``path`` for appending if it is a store with an equal spec, else create it."""
-        path = Path(path)
-        if (path / "zarr.json").exists():
+        if cls.exists(path):
             store = cls.open(path, writable=True)
-            store.spec.check_compatible(spec, what=f"sketches for {path}")
+            store.spec.check_compatible(spec, what=f"sketches for {store.path}")
             return store
         return cls.create(path, spec, compressor=compressor, chunk_rows=chunk_rows)
 
     # ------------------------------------------------------------------ writing
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.path / LOCK_FILE, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def append(self, checkpoint: str, split: str, batch: SketchBatch, source: dict | None = None) -> int:
         """Write ``batch`` as one new part; returns the number of rows made visible.
 
@@ -208,8 +186,7 @@ class SketchStore:
             raise BadInputError("sketch batch columns have different lengths")
         if n == 0:
             return 0
-        part = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        staging = self.path / STAGING_DIR / part
+        part = new_name()
         try:
             sketches = sketches.float()
             sketch_norms = sketches.norm(dim=1)
@@ -218,7 +195,8 @@ class SketchStore:
                 raise BadInputError(f"sketch of row {bad!r} is not finite (inf/nan gradient); nothing was written")
             data = to_storage(sketches / sketch_norms.clamp_min(MIN_NORM)[:, None], self.spec.dtype)
             array = zarr.create_array(
-                store=str(staging / ARRAY_NAME), shape=data.shape, dtype=data.dtype,
+                store=self.backend.zarr_store(f"{self.backend.staging_dir(part)}/{ARRAY_NAME}", read_only=False),
+                shape=data.shape, dtype=data.dtype,
                 chunks=(min(self.info.chunk_rows, n), self.spec.dim),
                 compressors=codec_chain(self.info.compressor, data.dtype.itemsize),
                 config={"write_empty_chunks": True},
@@ -234,24 +212,19 @@ class SketchStore:
                 **_metadata_columns(batch.metadata, n),
             }
             table = pa.table(columns)
-            with self._lock():
+
+            def without_taken() -> pa.Table:
                 taken = self.existing_ids(checkpoint, split, ids)
-                if taken:
-                    keep = [i for i, key in enumerate(ids) if key not in taken]
-                    table = table.take(pa.array(keep, pa.int64()))
-                if table.num_rows == 0:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    return 0
-                pq.write_table(table, staging / MANIFEST_NAME)
-                _fsync_tree(staging)
-                os.rename(staging, self.path / PARTS_DIR / part)
-                _fsync_dir(self.path / PARTS_DIR)
-            return table.num_rows
+                if not taken:
+                    return table
+                return table.take(pa.array([i for i, key in enumerate(ids) if key not in taken], pa.int64()))
+
+            return self.backend.commit_part(part, without_taken)
         except OSError as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise SketchStoreError(f"writing a part to {self.path} failed ({err.strerror or err}); the store is unchanged") from err
+            self.backend.discard_part(part)
+            raise SketchStoreError(f"writing a part to {self.path} failed ({reason(err)}); the store is unchanged") from err
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.backend.discard_part(part)
             raise
 
     def write_scores(self, key: str, table: pa.Table) -> None:
@@ -260,45 +233,42 @@ class SketchStore:
             raise BadInputError(f"store {self.path} was opened read-only")
         if table.num_rows == 0:
             return
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        staging = self.path / STAGING_DIR / name
-        target = self.path / SCORES_DIR / key
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
         try:
-            pq.write_table(table, staging)
-            with open(staging, "rb") as handle:
-                os.fsync(handle.fileno())
-            target.mkdir(parents=True, exist_ok=True)
-            os.rename(staging, target / name)
-            _fsync_dir(target)
+            self.backend.put(f"{SCORES_DIR}/{key}/{new_name()}.parquet", buffer.getvalue())
         except OSError as err:
-            staging.unlink(missing_ok=True)
-            raise SketchStoreError(f"writing scores to {self.path} failed ({err.strerror or err}); the store is unchanged") from err
+            raise SketchStoreError(f"writing scores to {self.path} failed ({reason(err)}); the store is unchanged") from err
 
-    def score_glob(self) -> str:
-        return str(self.path / SCORES_DIR / "*" / "*.parquet")
-
-    def score_files(self) -> list[Path]:
-        return sorted((self.path / SCORES_DIR).glob("*/*.parquet"))
+    def score_files(self, key: str = "*") -> list[str]:
+        """Locations of the score files of one score key (default: of all keys)."""
+        return self.backend.glob(f"{SCORES_DIR}/{key}/*.parquet")
 
     # ------------------------------------------------------------------ reading
-    def manifest_glob(self) -> str:
-        return str(self.path / PARTS_DIR / "*" / MANIFEST_NAME)
+    def manifest_sources(self) -> list[str]:
+        """Paths or globs of exactly the committed manifests (what DuckDB reads)."""
+        return self.backend.manifest_sources()
 
     def part_names(self) -> list[str]:
-        return sorted(p.name for p in (self.path / PARTS_DIR).iterdir() if (p / MANIFEST_NAME).is_file())
+        return self.backend.committed_parts()
 
     def manifest(self, checkpoint: str | None = None, split: str | None = None,
                  columns: Sequence[str] | None = None) -> pa.Table:
         """The manifest rows of all committed parts (optionally of one checkpoint/split)."""
         wanted = list(columns) if columns else None
         read_cols = None if wanted is None else list(dict.fromkeys(wanted + ["checkpoint", "split"]))
+        parts = self.part_names()
+        names = [f"{PARTS_DIR}/{part}/{MANIFEST_NAME}" for part in parts]
+        try:
+            contents = self.backend.read_many(names)
+        except OSError as err:
+            raise CorruptDataError(f"a manifest of {self.path} is unreadable: {reason(err)}") from err
         tables = []
-        for part in self.part_names():
-            path = self.path / PARTS_DIR / part / MANIFEST_NAME
+        for name, data in zip(names, contents):
             try:
-                table = pq.read_table(path, columns=read_cols)
+                table = pq.read_table(pa.BufferReader(data), columns=read_cols)
             except (OSError, pa.ArrowException) as err:
-                raise CorruptDataError(f"manifest {path} is unreadable: {err}") from err
+                raise CorruptDataError(f"manifest {self.backend.location(name)} is unreadable: {err}") from err
             mask = np.ones(table.num_rows, dtype=bool)
             if checkpoint is not None:
                 mask &= np.asarray(table.column("checkpoint").to_pylist(), dtype=object) == checkpoint
@@ -334,9 +304,9 @@ class SketchStore:
             raise UnknownKeyError(f"no sketches for checkpoint:split {checkpoint}:{split} in {self.path} (stored: {known})")
 
     def open_part(self, part: str) -> zarr.Array:
-        path = self.path / PARTS_DIR / part / ARRAY_NAME
+        store = self.backend.zarr_store(f"{PARTS_DIR}/{part}/{ARRAY_NAME}", read_only=True)
         try:
-            return zarr.open_array(store=str(path), mode="r", zarr_format=3)
+            return zarr.open_array(store=store, mode="r", zarr_format=3)
         except Exception as err:  # zarr raises several types for damaged metadata
             raise CorruptDataError(f"part {part} in {self.path}: array metadata unreadable ({err})") from err
 
@@ -349,7 +319,7 @@ class SketchStore:
         array = self.open_part(part)
         step = array.chunks[0]
         for chunk in range(start // step, (stop - 1) // step + 1):
-            if not (self.path / PARTS_DIR / part / ARRAY_NAME / "c" / str(chunk) / "0").is_file():
+            if not self.backend.exists(f"{PARTS_DIR}/{part}/{ARRAY_NAME}/c/{chunk}/0"):
                 raise CorruptDataError(f"part {part} in {self.path}: chunk {chunk} is missing")
         try:
             block = array[start:stop]
@@ -423,21 +393,9 @@ class SketchStore:
         return out_ids, matrix
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _io(call: Callable[[], Any], what: str) -> Any:
+    """Run a backend call; an I/O failure becomes one line naming the store."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` so a renamed part survives a power loss."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+        return call()
+    except OSError as err:
+        raise SketchStoreError(f"{what}: {reason(err)}") from err

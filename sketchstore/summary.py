@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .catalog import query
-from .store import PARTS_DIR, SketchStore
+from .store import SketchStore
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence], max_width: int = 48) -> str:
@@ -41,7 +41,7 @@ def describe(store: SketchStore) -> str:
     if not rows:
         lines.append("(no sketches yet)")
         return "\n".join(lines)
-    part_bytes = {p.name: dir_bytes(p) for p in (store.path / PARTS_DIR).iterdir() if p.is_dir()}
+    part_bytes = store.backend.part_bytes()
     _, part_rows = query(store, "SELECT checkpoint, split, part FROM sketches GROUP BY ALL")
     bytes_of: dict[tuple[str, str], int] = {}
     for ckpt, split, part in part_rows:

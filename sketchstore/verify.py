@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -11,9 +9,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .errors import CorruptDataError
-from .store import MANIFEST_NAME, PARTS_DIR, STAGING_DIR, SketchStore
-
-QUARANTINE_DIR = ".quarantine"
+from .store import MANIFEST_NAME, PARTS_DIR, SketchStore
 
 
 @dataclass(frozen=True)
@@ -26,9 +22,9 @@ class Problem:
 
 
 def _check_part(store: SketchStore, part: str) -> list[Problem]:
-    path = store.path / PARTS_DIR / part
     try:
-        manifest = pq.read_table(path / MANIFEST_NAME, columns=["row"])
+        data = store.backend.read_bytes(f"{PARTS_DIR}/{part}/{MANIFEST_NAME}")
+        manifest = pq.read_table(pa.BufferReader(data), columns=["row"])
     except (OSError, pa.ArrowException) as err:
         return [Problem(part, f"manifest unreadable ({err})")]
     try:
@@ -55,40 +51,25 @@ def verify(store: SketchStore, progress: bool = False) -> list[Problem]:
     problems: list[Problem] = []
     for part in tqdm(store.part_names(), desc="verify", unit="part", disable=not progress):
         problems.extend(_check_part(store, part))
-    for orphan in sorted(p for p in (store.path / PARTS_DIR).iterdir() if not (p / MANIFEST_NAME).is_file()):
-        problems.append(Problem(orphan.name, "part directory without a manifest (ignored by readers)"))
+    for orphan in store.backend.orphan_parts():
+        problems.append(Problem(orphan, "part directory without a manifest (ignored by readers)"))
     return problems
 
 
-def _writer_alive(name: str) -> bool:
-    """Staged names are ``<time>-<pid>-<random>``: is that writer process still running?"""
-    fields = name.split("-")
-    if len(fields) < 3 or not fields[1].isdigit():
-        return False
-    try:
-        os.kill(int(fields[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_staging(store: SketchStore) -> list[str]:
-    """Leftovers in ``.staging`` of writers that are no longer running (never read by anyone)."""
-    return sorted(p.name for p in (store.path / STAGING_DIR).iterdir() if not _writer_alive(p.name))
+    """Leftovers of interrupted writes whose writer is gone (never read by anyone)."""
+    return store.backend.stale_writes()
 
 
 def repair(store: SketchStore) -> list[str]:
-    """Move damaged parts to ``.quarantine/`` so their rows disappear and a re-build rebuilds them.
+    """Set damaged parts aside (``.quarantine/``, or a retraction in an object store's commit log)
+    so their rows disappear and a re-build rebuilds them, and remove stale leftovers.
 
-    Returns the parts moved. Healthy parts are not touched.
+    Returns the parts set aside. Healthy parts are not touched.
     """
     damaged = sorted({p.part for p in verify(store)})
-    target = store.path / QUARANTINE_DIR
-    target.mkdir(exist_ok=True)
     for part in damaged:
-        os.rename(store.path / PARTS_DIR / part, target / part)
+        store.backend.quarantine(part)
     for leftover in stale_staging(store):
-        shutil.rmtree(store.path / STAGING_DIR / leftover, ignore_errors=True)
+        store.backend.remove_stale(leftover)
     return damaged
