@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from cropi.demo import DemoConfig
 from cropi.engine import make_engine, sync_weights
 from cropi.rollout import RolloutConfig, run_rollouts
 from cropi.tasks import generate_tasks
@@ -256,8 +257,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--dim", type=int, default=8192)
-    parser.add_argument("--drift-steps", type=int, nargs="+", default=[0, 10, 30, 100], help="GRPO steps from beta")
-    parser.add_argument("--drift-lr", type=float, default=2e-4, help="GRPO learning rate of the drift run")
+    parser.add_argument("--drift-steps", type=int, nargs="+", default=[0, 15, 45, 120], help="GRPO steps from beta")
+    parser.add_argument("--drift-lr", type=float, default=DemoConfig.lr, help="GRPO learning rate of the drift run (the demo's)")
     parser.add_argument("--ablation-dims", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = parser.parse_args()

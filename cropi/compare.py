@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from sketchstore.errors import BadInputError
 
@@ -88,16 +88,22 @@ def results_table(results: dict[str, dict]) -> str:
 
 
 def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
-                   log: Callable[[str], None] = print, metric: str = "greedy", engine: Any = None) -> dict:
+                   log: Callable[[str], None] = print, metric: str = "greedy", engine: Any = None,
+                   variants: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """Run each strategy (same seed, same stages and steps) under ``out/<strategy>``; report
-    accuracy (``metric``: greedy or sampled pass@1) and acceleration over the full pool. All
-    arms share one live engine: ``engine`` if given, else one started (and shut down) here."""
+    accuracy (``metric``: greedy or sampled pass@1) and acceleration over the full pool.
+    ``variants`` adds arms named by their key, each ``base`` with those CurriculumConfig fields
+    replaced (e.g. ``{"cropi-refresh2": {"strategy": "cropi", "refresh_every": 2}}``). All arms
+    share one live engine: ``engine`` if given, else one started (and shut down) here."""
     if metric not in METRICS:
         raise BadInputError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(METRICS)}")
     if metric == "sampled" and not base.train.eval_samples:
         raise BadInputError("metric 'sampled' needs eval_samples > 0 in the training config")
-    if BASELINE not in strategies:
-        strategies = [BASELINE, *strategies]
+    arms = {name: {"strategy": name} for name in [BASELINE, *strategies]}
+    for name, overrides in (variants or {}).items():
+        if name in arms:
+            raise BadInputError(f"variant name {name!r} clashes with a strategy name")
+        arms[name] = {"strategy": base.strategy, **overrides}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = base.train
@@ -109,11 +115,11 @@ def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
     results: dict[str, dict] = {}
     curves = {}
     try:
-        for strategy in strategies:
+        for strategy, overrides in arms.items():
             start = time.perf_counter()
             train = replace(t, out=out / strategy / "train")
             log(f"== {strategy}")
-            report = Curriculum(replace(base, train=train, strategy=strategy), log=log, engine=engine).run()
+            report = Curriculum(replace(base, train=train, **overrides), log=log, engine=engine).run()
             curves[strategy] = accuracy_curve(train.out, metric)
             results[strategy] = {**report, "seconds": time.perf_counter() - start,
                                  "best_accuracy": max(c[2] for c in curves[strategy]),
