@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore,
                          export_selection, prune, query, score, select)
 from sketchstore.build import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_ROWS, OBJECTIVES
 from sketchstore.codecs import DEFAULT_COMPRESSOR
+from sketchstore.distributed import dask_client
 from sketchstore.errors import BadInputError
 from sketchstore.scoring import AGGREGATIONS, METRICS
 from sketchstore.selection import FUSIONS, parse_top, read_ids
@@ -28,6 +30,11 @@ AGGREGATION = click.option("--aggregation", type=click.Choice(AGGREGATIONS), def
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
+    if text == "auto":
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if rank is None or world is None:
+            raise BadInputError("--shard auto takes I/N from RANK and WORLD_SIZE (as torchrun sets them); they are not set")
+        text = f"{rank}/{world}"
     index, sep, count = text.partition("/")
     if not sep or not index.isdigit() or not count.isdigit():
         raise BadInputError(f"--shard must look like I/N (e.g. 0/4), got {text!r}")
@@ -57,7 +64,8 @@ def main() -> None:
 @click.option("--flush-every", default=DEFAULT_FLUSH_ROWS, show_default=True, help="Rows per committed part.")
 @click.option("--max-length", default=1024, show_default=True, help="Token limit per row.")
 @click.option("--compressor", default=DEFAULT_COMPRESSOR, show_default=True, help="none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
-@click.option("--shard", default="0/1", show_default=True, help="Build only shard I of N (disjoint by id).")
+@click.option("--shard", default="0/1", show_default=True,
+              help="Build only shard I of N (disjoint by id); auto: I/N from RANK/WORLD_SIZE (torchrun).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="sft", show_default=True,
               help="sft: response log-likelihood; popi: off-policy policy gradient from --trajectories.")
 @click.option("--trajectories", type=click.Path(path_type=Path), help="Rollout Parquet (from `cropi rollout`) for popi.")
@@ -85,12 +93,17 @@ def build(model, data, store_path, checkpoint, split, dim, seed, mode, keep_rati
 @VAL
 @METRIC
 @AGGREGATION
+@click.option("--dask-scheduler", default=None,
+              help="Score on this running Dask cluster (e.g. tcp://host:8786); its workers must read --store at the same path.")
+@click.option("--dask-workers", type=int, default=None, help="Score on a local Dask cluster of N worker processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def score_cmd(store_path, train, val, metric, aggregation, quiet) -> None:
+def score_cmd(store_path, train, val, metric, aggregation, dask_scheduler, dask_workers, quiet) -> None:
     """Score train rows against validation sets (only rows not scored yet)."""
     store = SketchStore.open(store_path, writable=True)
-    report = score(store, SplitRef.parse(train), SplitRef.parse_list(val), ScoreOptions(metric, aggregation), progress=not quiet)
+    with dask_client(dask_scheduler, dask_workers) as client:
+        report = score(store, SplitRef.parse(train), SplitRef.parse_list(val), ScoreOptions(metric, aggregation),
+                       progress=not quiet, client=client)
     click.echo(f"{train}: {report.scored} rows scored, {report.already_scored} already scored "
                f"({report.rows_per_second:.0f} rows/s)")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import torch
@@ -143,8 +143,12 @@ def _check_same_objective(store: SketchStore, train: SplitRef, vals: Sequence[Sp
 
 
 def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options: ScoreOptions = ScoreOptions(),
-          progress: bool = True) -> ScoreReport:
-    """Score every not-yet-scored row of ``train`` against each validation set; store the scores."""
+          progress: bool = True, client: Any = None) -> ScoreReport:
+    """Score every not-yet-scored row of ``train`` against each validation set; store the scores.
+
+    With a ``dask.distributed.Client`` the products run on its workers, each reading its rows
+    from the store path itself (see sketchstore.distributed); bookkeeping and writes stay here.
+    """
     start = time.perf_counter()
     store.require(train.checkpoint, train.split)
     _check_same_objective(store, train, vals)
@@ -157,8 +161,14 @@ def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options
     columns: list[dict[str, list]] = [{"id": [], "score": []} for _ in targets]
     bar = tqdm(total=n_train - len(skip), desc=f"score {train}", unit="row", disable=not progress)
     unit = options.metric == "cosine"
-    for ids, scores in store.iter_blocks(train.checkpoint, train.split, exclude=skip, unit=unit,
-                                         transform=lambda block: score_block(block, matrix)):
+    if client is None:
+        blocks = store.iter_blocks(train.checkpoint, train.split, exclude=skip, unit=unit,
+                                   transform=lambda block: score_block(block, matrix))
+    else:
+        from .distributed import scored_blocks
+
+        blocks = scored_blocks(client, store, train, skip, matrix, unit)
+    for ids, scores in blocks:
         for j, col in enumerate(columns):
             fresh = [i for i, key in enumerate(ids) if key not in done[j]] if done[j] else range(len(ids))
             col["id"].extend(ids[i] for i in fresh)
