@@ -401,12 +401,14 @@ class FsspecBackend(Backend):
             value = entry()
             if value is None:
                 return None
+            key = self._key(f"{LOG_DIR}/{seq:0{LOG_DIGITS}d}.json")
             try:
-                self.fs.pipe_file(self._key(f"{LOG_DIR}/{seq:0{LOG_DIGITS}d}.json"), json.dumps(value).encode(),
-                                  mode="create")
+                self.fs.pipe_file(key, json.dumps(value).encode(), mode="create")
                 return value
             except FileExistsError:
-                continue  # another writer took this sequence number: look again
+                if json.loads(self.fs.cat_file(key)) == value:
+                    return value  # our own PUT, retried by the client after it had succeeded
+                # another writer took this sequence number: look again
         raise SketchStoreError(f"could not commit to {self.root}: {MAX_COMMIT_TRIES} tries lost to other writers")
 
     def commit_part(self, part: str, finish: Commit) -> int:
@@ -427,8 +429,10 @@ class FsspecBackend(Backend):
         return rows
 
     def discard_part(self, part: str) -> None:
+        """Delete an uncommitted part; one the log names (a commit whose reply was lost) is kept."""
         try:
-            self.fs.rm(self._key(f"{PARTS_DIR}/{part}"), recursive=True)
+            if part not in set.union(*self._parts(self._entries())):
+                self.fs.rm(self._key(f"{PARTS_DIR}/{part}"), recursive=True)
         except (OSError, ValueError):
             pass  # best effort: an uncommitted part is never read
 

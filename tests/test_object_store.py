@@ -142,6 +142,21 @@ def test_lost_commit_race_retries_without_duplicates(url):
     assert sorted(ids) == ["p-1", "p-2", "p-3"]
 
 
+def test_commit_whose_reply_was_lost_is_kept_once(url):
+    store = SketchStore.create(url, ProjectionSpec(dim=DIM))
+    real_pipe = store.backend.fs.pipe_file
+
+    def succeed_then_report_conflict(path, value, **kw):  # a client retry after the first PUT went through
+        real_pipe(path, value, **kw)
+        if f"/{LOG_DIR}/" in path:
+            raise FileExistsError(path)
+
+    store.backend.fs = _Proxy(store.backend.fs, pipe_file=succeed_then_report_conflict)
+    assert store.append("c0", "train", rows(["p-1", "p-2"])) == 2
+    reopened = SketchStore.open(url)
+    assert len(reopened.part_names()) == 1 and reopened.read("c0", "train")[0] == ["p-1", "p-2"]
+
+
 class _Proxy:
     """A filesystem whose chosen methods are replaced."""
 
