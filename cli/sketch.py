@@ -155,10 +155,18 @@ def ls_cmd(store_path) -> None:
 @STORE
 @click.argument("sql")
 @click.option("--max-rows", default=50, show_default=True, help="Rows printed (all are computed).")
+@click.option("--table", "tables", multiple=True, metavar="NAME=PATH",
+              help="Extra view over a Parquet file, directory or glob, e.g. trajectories=traj.parquet (repeatable).")
 @one_line_errors
-def query_cmd(store_path, sql, max_rows) -> None:
-    """Run SQL over the views ``sketches`` and ``scores``."""
-    columns, rows = query(SketchStore.open(store_path), sql)
+def query_cmd(store_path, sql, max_rows, tables) -> None:
+    """Run SQL over the views ``sketches`` and ``scores`` (and any --table views)."""
+    extra = {}
+    for item in tables:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise BadInputError(f"--table wants NAME=PATH, got {item!r}")
+        extra[name] = path
+    columns, rows = query(SketchStore.open(store_path), sql, extra)
     if columns:
         click.echo(format_table(columns, rows[:max_rows]))
         if len(rows) > max_rows:

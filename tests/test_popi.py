@@ -3,6 +3,10 @@ zero-advantage prompts recorded, batching invariance, and input checks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +17,8 @@ from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches
 from sketchstore.errors import BadInputError
 from sketchstore.gradients import per_example_gradients, select_parameters
 from sketchstore.popi import POPIObjective, read_prompt_groups
+
+SKETCH = str(Path(sys.executable).with_name("sketch"))
 
 TEMPERATURE = 0.7
 K = 4
@@ -124,6 +130,19 @@ def test_build_popi_records_zero_gradient_prompts_and_is_batch_invariant(tiny_mo
     assert rows[0] == ("q0", 0.0, 1.0, True, K, "popi")
     assert all(r[1] > 0 and not r[3] for r in rows[1:])
     assert x[ids.index("q0")].abs().sum() == 0
+
+    # The rollouts join the catalog: trajectories next to their prompts' sketches.
+    sql = ("SELECT s.id, s.pass_rate, avg(t.reward), count(*) FROM sketches s JOIN trajectories t "
+           "ON t.prompt_id = s.id GROUP BY ALL ORDER BY s.id")
+    _, joined = catalog.query(a, sql, {"trajectories": trajectories})
+    assert [r[0] for r in joined] == ids and all(r[1] == pytest.approx(r[2]) and r[3] == K for r in joined)
+    proc = subprocess.run([SKETCH, "query", "--store", str(tmp_path / "a"), "--table", f"t={trajectories}",
+                           "SELECT count(DISTINCT prompt_id) FROM t"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].strip().endswith("5"), proc.stdout + proc.stderr
+    for bad, message in (({"scores": trajectories}, "bad view name"), ({"t": tmp_path / "no.parquet"}, "no such Parquet"),
+                         ({"t": tmp_path}, "no Parquet files")):
+        with pytest.raises(BadInputError, match=message):
+            catalog.query(a, "SELECT 1", bad)
 
 
 def test_bad_trajectories(tiny_model, trajectories, tmp_path):
