@@ -14,6 +14,7 @@ import click
 from cropi.compare import METRICS
 from cropi.demo import DemoConfig
 from cropi.strategies import STRATEGIES
+from cropi.trainer import DEFAULT_LR
 from sketchstore.errors import BadInputError
 
 from .common import one_line_errors
@@ -91,7 +92,7 @@ def _eval_sets_option(values) -> dict:
 @click.option("--n", "n", default=8, show_default=True, type=int, help="Samples per prompt (K >= 2).")
 @click.option("--max-tokens", default=48, show_default=True, type=int)
 @click.option("--temperature", default=1.0, show_default=True, type=float)
-@click.option("--lr", default=2e-4, show_default=True, type=float)
+@click.option("--lr", default=DEFAULT_LR, show_default=True, type=float)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimiser update.")
 @click.option("--clip", "clip_low", default=0.2, show_default=True, type=float, help="PPO clip epsilon (low side).")
@@ -147,7 +148,7 @@ def _curriculum_options(func):
         click.option("--prompts-per-step", default=16, show_default=True),
         click.option("--n", default=8, show_default=True, help="Samples per prompt in GRPO steps."),
         click.option("--max-tokens", default=48, show_default=True),
-        click.option("--lr", default=2e-4, show_default=True),
+        click.option("--lr", default=DEFAULT_LR, show_default=True),
         click.option("--eval-every", default=5, show_default=True),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True),

@@ -24,7 +24,7 @@ from .curriculum import CurriculumConfig
 from .strategies import STRATEGIES
 from .tasks import generate_tasks
 from .tiny_model import ensure_warm_model
-from .trainer import TrainConfig
+from .trainer import DEFAULT_LR, TrainConfig
 
 POOL_LEVELS = (1, 2, 3, 4)  # easy (mostly solved) to hard (never solved) for the warm policy
 TARGET_LEVELS = (1, 2)  # solved sometimes when sampled: where RL has room to help
@@ -50,7 +50,7 @@ class DemoConfig:
     n: int = 8
     max_tokens: int = 48
     temperature: float = 1.0
-    lr: float = 5e-5
+    lr: float = DEFAULT_LR
     eval_every: int = 10
     eval_samples: int = 4
     metric: str = "sampled"

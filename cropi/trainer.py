@@ -126,6 +126,9 @@ LATEST_NAME = "LATEST"
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 POOL_NAME = "pool.jsonl"
+# Measured on the embedded small policy: 2e-4 halves its greedy accuracy in 10 steps (Adam
+# moves every weight ~lr per step along a noisy RL gradient); 3e-5..6e-5 improve it slowly.
+DEFAULT_LR = 5e-5
 PERIODIC_PREFIX = "step-"
 
 
@@ -171,7 +174,7 @@ class TrainConfig:
     n: int = 8
     max_tokens: int = 48
     temperature: float = 1.0
-    lr: float = 2e-4
+    lr: float = DEFAULT_LR
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     grad_accum: int = 1
