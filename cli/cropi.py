@@ -222,15 +222,16 @@ def _strategy_list(text: str) -> tuple[str, ...]:
               help=f"Compared with the full pool; from {', '.join(STRATEGIES)}.")
 @click.option("--stages", default=DemoConfig.stages, show_default=True)
 @click.option("--steps-per-stage", default=DemoConfig.steps_per_stage, show_default=True)
+@click.option("--fraction", default=DemoConfig.fraction, show_default=True, help="Share of the pool selected per stage.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @one_line_errors
-def demo_cmd(out, model_cache, strategies, stages, steps_per_stage, seed, device) -> None:
-    """CROPI vs full-pool GRPO vs random 10% on the embedded policy; prints the acceleration."""
+def demo_cmd(out, model_cache, strategies, stages, steps_per_stage, fraction, seed, device) -> None:
+    """CROPI vs full-pool GRPO vs a random subset on the embedded policy; prints the acceleration."""
     from cropi.demo import run_demo
 
     run_demo(DemoConfig(out=out, model_cache=model_cache, strategies=_strategy_list(strategies), stages=stages,
-                        steps_per_stage=steps_per_stage, seed=seed, device=device), log=click.echo)
+                        steps_per_stage=steps_per_stage, fraction=fraction, seed=seed, device=device), log=click.echo)
 
 
 @main.command("import-gguf")
