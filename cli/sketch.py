@@ -13,6 +13,7 @@ from sketchstore.build import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_ROWS, OBJECTIVES
 from sketchstore.codecs import DEFAULT_COMPRESSOR
 from sketchstore.distributed import dask_client
 from sketchstore.errors import BadInputError
+from sketchstore.factored import NORM_MODES
 from sketchstore.scoring import AGGREGATIONS, METRICS
 from sketchstore.selection import FUSIONS, parse_top, read_ids
 from sketchstore.spec import DEFAULT_DIM, DEFAULT_KEEP_RATIO, DEFAULT_SEED, PROJECTION_MODES, STORAGE_DTYPES
@@ -71,17 +72,21 @@ def main() -> None:
 @click.option("--trajectories", type=click.Path(path_type=Path), help="Rollout Parquet (from `cropi rollout`) for popi.")
 @click.option("--behaviour", default=None, help="Behaviour checkpoint to use when the trajectories hold several.")
 @click.option("--clip", default=0.0, show_default=True, help="popi: PPO clip range for the ratio (0 = no clipping).")
+@click.option("--norms", type=click.Choice(NORM_MODES), default="exact", show_default=True,
+              help="grad_norm: exact per-row gradient norms, or (factored only, faster) each sketch's norm, "
+                   "unbiased in square; the manifest's grad_norm_kind says which.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
 def build(model, data, store_path, checkpoint, split, dim, seed, mode, keep_ratio, dtype, params, device, batch_size,
-          flush_every, max_length, compressor, shard, objective, trajectories, behaviour, clip, quiet) -> None:
+          flush_every, max_length, compressor, shard, objective, trajectories, behaviour, clip, norms, quiet) -> None:
     """Sketch per-row gradients of an objective (sft or popi) into a store."""
     config = BuildConfig(
         model=model, data=data, store=store_path, checkpoint=checkpoint, split=split,
         spec=ProjectionSpec(dim=dim, seed=seed, mode=mode, keep_ratio=keep_ratio, dtype=dtype),
         params=tuple(p.strip() for p in params.split(",")) if params else None, device=device,
         batch_size=batch_size, flush_rows=flush_every, max_length=max_length, compressor=compressor,
-        shard=_parse_shard(shard), objective=objective, trajectories=trajectories, behaviour=behaviour, clip=clip)
+        shard=_parse_shard(shard), objective=objective, trajectories=trajectories, behaviour=behaviour, clip=clip,
+        norms=norms)
     report = build_sketches(config, progress=not quiet)
     click.echo(f"{checkpoint}:{split}: {report.added} rows added, {report.skipped} already stored, "
                f"{report.total} in input ({report.rows_per_second:.2f} rows/s)")

@@ -19,7 +19,7 @@ from .codecs import DEFAULT_COMPRESSOR
 from .data import read_rows
 from .errors import BadInputError, SpecMismatchError
 from .gradients import Objective, SFTObjective, load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
-from .factored import FactoredSketcher
+from .factored import NORM_MODES, FactoredSketcher
 from .popi import POPIObjective, read_prompt_groups
 from .projection import make_projector
 from .spec import ProjectionSpec, param_spec_hash, stable_seed
@@ -31,6 +31,8 @@ NOT_METADATA = ("id", "group") + TEXT_COLUMNS
 OBJECTIVES = ("sft", "popi")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_FLUSH_ROWS = 256
+#: Manifest column (and part attribute) saying how grad_norm was computed: exact, or sketch (its sketch's norm).
+GRAD_NORM_KIND = "grad_norm_kind"
 
 
 def check_name(value: str, what: str) -> str:
@@ -67,6 +69,7 @@ class BuildConfig:
     trajectories: Path | None = None
     behaviour: str | None = None
     clip: float = 0.0
+    norms: str = "exact"
 
     def __post_init__(self) -> None:
         check_name(self.checkpoint, "checkpoint")
@@ -82,6 +85,10 @@ class BuildConfig:
             raise BadInputError("the popi objective needs --trajectories (a rollout Parquet file)")
         if self.objective == "sft" and self.data is None:
             raise BadInputError("the sft objective needs --data (JSONL/Parquet with id, prompt, response)")
+        if self.norms not in NORM_MODES:
+            raise BadInputError(f"unknown gradient norms {self.norms!r}; choose one of {', '.join(NORM_MODES)}")
+        if self.norms == "sketch" and self.spec.mode != "factored":
+            raise BadInputError("--norms sketch needs --projection factored (per-row gradients give exact norms for free)")
 
 
 @dataclass
@@ -139,7 +146,8 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     model, tokenizer = load_model(config.model, config.device)
     params = select_parameters(model, config.params)
     spec = replace(config.spec, param_hash=param_spec_hash(parameter_shapes(params)))
-    projector = FactoredSketcher(model, params, spec) if spec.mode == "factored" else make_projector(spec)
+    projector = (FactoredSketcher(model, params, spec, norms=config.norms) if spec.mode == "factored"
+                 else make_projector(spec))
     store = SketchStore.open_or_create(config.store, spec, compressor=config.compressor)
     fingerprint = model_fingerprint(params)
     _check_checkpoint_model(store, config.checkpoint, fingerprint)
@@ -147,7 +155,8 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     todo = [r for r in rows if r["id"] not in done]
     report = BuildReport(total=len(rows), skipped=len(rows) - len(todo), added=0, seconds=0.0)
     objective = _objective(config, tokenizer)
-    source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name}
+    source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name,
+              GRAD_NORM_KIND: config.norms}
     bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
     for lo in range(0, len(todo), config.flush_rows):
         group = todo[lo:lo + config.flush_rows]
@@ -168,7 +177,7 @@ def build_sketches(config: BuildConfig, progress: bool = True,
             if pending:
                 sketches.append(_project(projector, pending))
         batch = SketchBatch(ids=[r["id"] for r in group], sketches=torch.cat(sketches), grad_norms=norms,
-                            n_tokens=tokens, metadata=[_metadata(r) for r in group])
+                            n_tokens=tokens, metadata=[{**_metadata(r), GRAD_NORM_KIND: config.norms} for r in group])
         added = store.append(config.checkpoint, config.split, batch, source=source)
         report.added += added
         if on_part is not None:

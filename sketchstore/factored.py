@@ -61,14 +61,31 @@ in torch). When ``lm_head`` shares the embedding's parameter (tied), both uses c
 the one parameter name, projected with the same P_row (vocab side) and P_col (hidden side)
 and added in that projected space: the block is exactly P_row (G_head + G_embed) P_col^T.
 
-Gradient norms are exact (the catalog uses grad_norm == 0 for zero-gradient rows; a POPI
-prompt whose advantages are all zero has no sequence and gets a zero sketch and norm 0).
-Per matrix and row, whichever costs less for the row's token count T: the Gram form
-||sum_t a_t b_t^T||_F^2 = sum_{t,s} (a_t.a_s)(b_t.b_s) (T^2 (m + n), incl. the cross terms of
-tied contributions) with the block from the projected factors, or the row's m x n gradient
-(T m n, one matrix of one row at a time), its norm, and the block by hashing it. For long
-rows this costs about as much as the weight gradient a per-row backward computes: exact
-norms are the largest extra cost of this path on small models (see benchmarks/README.md).
+Gradient norms (``norms``). ``"exact"`` (default): exact per-row ||g|| (the catalog uses
+grad_norm == 0 for zero-gradient rows; a POPI prompt whose advantages are all zero has no
+sequence and gets a zero sketch and norm 0). Per matrix and row, whichever costs less for the
+row's token count T: the Gram form ||sum_t a_t b_t^T||_F^2 = sum_{t,s} (a_t.a_s)(b_t.b_s)
+(T^2 (m + n), incl. the cross terms of tied contributions) with the block from the projected
+factors, or the row's m x n gradient (T m n, one matrix of one row at a time), its norm, and the
+block by hashing it. For long rows this costs about as much as the weight gradient a per-row
+backward computes: exact norms were the largest extra cost of this path on small models (see
+benchmarks/README.md). ``"sketch"``: grad_norm is the norm of the row's float32 sketch (the
+store's sketch_norm, bit for bit) and no exact norm is computed; every block then comes from the
+projected factors. Its square is unbiased: with independent uniform signs E[P^T P] = I for each
+CountSketch P (the factors and the final hash, independently seeded), so
+E||P_row G P_col^T||_F^2 = ||G||_F^2, E||S B||^2 = ||B||^2 for the final hash S, and the cross
+terms between parameters (independent signs) vanish in expectation: E[sketch_norm^2] = ||g||^2
+over the seed (tests/test_factored.py checks it; on the tiny test model, 48 seeds, the mean
+ratio sketch_norm^2 / ||g||^2 was 1.007 +- 0.011 at k = 256 and 0.998 +- 0.002 at k = 8192).
+The norm itself is low by Jensen's gap (relative ~v/8, v the relative variance of the square);
+its relative error is at most ~sqrt(1/(2k)) from the final hash plus the Kronecker stage's share
+on projected sides (exact sides and vectors add none): 0.9% mean at k = 8192 there. Zero-gradient
+rows still get exactly 0. The store records which one it holds (manifest column
+``grad_norm_kind``, set by build.py).
+
+Tokens whose output gradient is exactly zero contribute nothing to a matrix's block (nor
+norm) and are dropped before the per-row products when they are a sizeable share (in the last
+layer, q/o/MLP/lm_head get gradient only at loss positions).
 
 Supported parameters: weights of ``nn.Linear`` and ``nn.Embedding`` (2-D, possibly tied),
 ``nn.Linear`` biases, weights of RMSNorm-like modules (class name ending in ``RMSNorm``,
@@ -91,12 +108,17 @@ from .gradients import SequenceBatch
 from .projection import SparseProjector
 from .spec import ProjectionSpec, stable_seed
 
-__all__ = ["FactoredSketcher", "FactoredRows", "factor_side", "factor_dims", "plan_passes"]
+__all__ = ["FactoredSketcher", "FactoredRows", "NORM_MODES", "factor_side", "factor_dims", "plan_passes"]
 
 #: Most padded token positions per forward/backward pass (bounds activation memory).
 PASS_TOKENS = 1 << 14
 #: Largest fraction of a pass's positions that may be padding before a new pass starts.
 PASS_WASTE = 0.15
+#: ``norms`` of FactoredSketcher: exact per-row gradient norms, or the norm of each row's sketch.
+NORM_MODES = ("exact", "sketch")
+#: Tokens with a zero output gradient are dropped from a matrix's products when fewer than this
+#: share of its tokens remain (below it, the saved products outweigh the copy).
+COMPACT_BELOW = 0.9
 
 
 def factor_side(dim: int) -> int:
@@ -187,16 +209,21 @@ class FactoredSketcher:
     """Factored sketches of many rows per forward/backward (see the module docstring).
 
     model: the causal LM; params: the selected (name, parameter) pairs (``select_parameters``);
-    spec: a ProjectionSpec with mode ``factored`` and keep_ratio 1.
+    spec: a ProjectionSpec with mode ``factored`` and keep_ratio 1; norms: ``exact`` per-row
+    gradient norms or the ``sketch`` norm (see the module docstring; the sketches are the same).
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], spec: ProjectionSpec) -> None:
+    def __init__(self, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], spec: ProjectionSpec,
+                 norms: str = "exact") -> None:
         if not isinstance(spec, ProjectionSpec) or spec.mode != "factored":
             raise BadInputError(f"FactoredSketcher needs a ProjectionSpec with mode 'factored', got {spec!r}")
         if float(spec.keep_ratio) != 1.0:
             raise BadInputError("factored sketches do not drop coordinates: use keep ratio 1 with --projection factored")
+        if norms not in NORM_MODES:
+            raise BadInputError(f"gradient norms must be one of {', '.join(NORM_MODES)}, got {norms!r}")
         self.model = model
         self.spec = spec
+        self.norms = norms
         self.params = list(params)
         self.shapes = {name: tuple(p.shape) for name, p in self.params}
         by_id = {id(p): name for name, p in self.params}
@@ -322,12 +349,14 @@ class FactoredSketcher:
                 use.records.append(_Record())
             record = use.records[call]
             x = inputs[0]
-            if use.kind == "linear":
-                record.x = self._store(record.x, x.detach(), torch.float32)
-            elif use.kind == "embedding":
+            if use.kind == "embedding":
                 if module.padding_idx is not None:  # torch gives the padding row no gradient
                     x = torch.where(x == module.padding_idx, torch.full_like(x, -1), x)
                 record.x = self._store(record.x, x, torch.long)
+            elif use.weight is None:  # a selected bias needs the output gradient only
+                pass
+            elif use.kind == "linear":
+                record.x = self._store(record.x, x.detach(), torch.float32)
             else:
                 record.x = self._store(record.x, self._normalised(use, x.detach(), output.detach()), torch.float32)
             if module is self.input_embedding:  # the leaf of the backward graph
@@ -384,34 +413,38 @@ class FactoredSketcher:
                             [x for p in parts for x in p.n_tokens], [x for p in parts for x in p.losses])
 
     def sketch_batch(self, batch: SequenceBatch) -> FactoredRows:
-        """Sketches, exact gradient norms, token counts and losses of one SequenceBatch."""
+        """Sketches, gradient norms (exact or sketch, per ``norms``), token counts and losses of
+        one SequenceBatch."""
         sketches = torch.zeros(batch.n_rows, self.spec.dim, device=self._device())
 
         def add(name: str, value: torch.Tensor) -> None:  # called in sorted-name order
             sketches.add_(self.final.project({name: value}))
 
         sq_norms, losses = self._run(batch, add)
-        norms = sq_norms.clamp_min(0).sqrt().tolist()
-        return FactoredRows(sketches.cpu(), norms, list(batch.n_tokens), losses)
+        sketches = sketches.cpu()
+        norms = sketches.norm(dim=1) if sq_norms is None else sq_norms.clamp_min(0).sqrt()
+        return FactoredRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
 
-    def blocks(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[float]]:
-        """(name -> (R, k_r, k_c) block or (R, m) exact vector, (R,) float64 squared gradient
-        norms, per-row losses) of one batch of R rows (for checks: holds every block at once)."""
+    def blocks(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, list[float]]:
+        """(name -> (R, k_r, k_c) block or (R, m) exact vector, (R,) float64 squared exact
+        gradient norms (None with norms ``sketch``), per-row losses) of one batch of R rows (for
+        checks: holds every block at once)."""
         out: dict[str, torch.Tensor] = {}
         sq_norms, losses = self._run(batch, out.__setitem__)
         return out, sq_norms, losses
 
-    def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object]) -> tuple[torch.Tensor, list[float]]:
+    def _run(self, batch: SequenceBatch,
+             emit: Callable[[str, torch.Tensor], object]) -> tuple[torch.Tensor | None, list[float]]:
         """Run the batch; ``emit(name, block or vector)`` for every selected parameter in sorted
         name order (blocks are (R, k_r, k_c), vectors (R, m)); returns ((R,) float64 squared
-        gradient norms, per-row losses).
+        exact gradient norms or None (norms ``sketch``), per-row losses).
 
         The batch's sequences run in a few passes (one forward + one backward each) of similar
         lengths, so little compute goes to padding (see :func:`plan_passes`); hooks write each
         pass's real tokens straight to their place in row order (sequences are grouped by row)."""
         R = batch.n_rows
         device = self._device()
-        sq_norms = torch.zeros(R, dtype=torch.float64)
+        sq_norms = torch.zeros(R, dtype=torch.float64) if self.norms == "exact" else None
         if batch.n_sequences == 0:
             for name, _ in sorted(self.params, key=lambda item: item[0]):
                 emit(name, self._zeros(name, R))
@@ -447,7 +480,7 @@ class FactoredSketcher:
                     if losses.requires_grad:
                         losses.sum().backward()
                     row_loss.index_add_(0, seq_rows[index], losses.detach().double().cpu())
-            self._layout = {"row": tok_row, "bounds": bounds, "R": R}
+            self._layout = {"row": tok_row, "bounds": bounds, "R": R, "N": int(lengths.sum())}
             self._assemble(sq_norms, emit)
         finally:
             for h in handles:
@@ -465,7 +498,7 @@ class FactoredSketcher:
         shape = self.block_shape(name) if name in self.matrices else self.shapes[name]
         return torch.zeros((rows,) + tuple(shape), device=self._device())
 
-    def _assemble(self, sq_norms: torch.Tensor, emit: Callable[[str, torch.Tensor], object]) -> None:
+    def _assemble(self, sq_norms: torch.Tensor | None, emit: Callable[[str, torch.Tensor], object]) -> None:
         contribs: dict[str, list] = {}  # matrix -> [(row factor: (N, m) float or (N,) ids, col factor (N, n))]
         vectors: dict[str, torch.Tensor] = {}
 
@@ -475,10 +508,8 @@ class FactoredSketcher:
         for use in self.uses:
             for rec in use.records:
                 g = rec.g
-                if g is None:  # the output got no gradient in any pass (e.g. unused by the loss)
-                    width = use.module.weight.shape[1] if use.kind == "embedding" else (
-                        rec.x.shape[1] if use.kind == "norm" else use.module.weight.shape[0])
-                    g = torch.zeros(rec.x.shape[0], width, device=rec.x.device)
+                if g is None:  # the output got no gradient in any pass (e.g. unused by the loss): adds nothing
+                    continue
                 if use.kind == "linear":
                     if use.weight:
                         contribs.setdefault(use.weight, []).append((g, rec.x))
@@ -494,69 +525,65 @@ class FactoredSketcher:
                         add_vector(use.bias, self._row_sum(g))
         R = self._layout["R"]
         for name in sorted(n for n, _ in self.params):
+            sq = None
             if name in contribs:
                 value, sq = self._block_and_norm(name, contribs.pop(name))
-                sq_norms += sq.cpu()
             elif name in vectors:
                 value = vectors.pop(name)
-                sq_norms += value.double().pow(2).sum(1).cpu()
+                if sq_norms is not None:
+                    sq = value.double().pow(2).sum(1)
             else:  # selected but not reached by this forward: zero gradient
                 value = self._zeros(name, R)
+            if sq is not None:
+                sq_norms += sq.cpu()
             emit(name, value)
 
-    def _block_and_norm(self, name: str, pieces) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, k_r, k_c) blocks P_row G_r P_col^T and (R,) float64 exact ||G_r||_F^2, where
-        G_r = sum over row r's tokens of a_t b_t^T (a_t: (m,) or a one-hot id, b_t: (n,)).
+    def _block_and_norm(self, name: str, pieces) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(R, k_r, k_c) blocks P_row G_r P_col^T and (R,) float64 exact ||G_r||_F^2 (None with
+        norms ``sketch``), where G_r = sum over row r's tokens of a_t b_t^T (a_t: (m,) or a one-hot
+        id, b_t: (n,)); tokens with a zero output gradient are dropped first (:meth:`_compact`).
 
-        Per row, whichever is cheaper for its token count T (c contributions):
-        Gram form, c T (m + n) <= m n: ||G||^2 = sum_{t,s} (a_t.a_s)(b_t.b_s) and the block from
-        the projected factors, sum_t (P_row a_t)(P_col b_t)^T; otherwise G itself (m x n, one
-        row and one matrix at a time), its norm, and the block by hashing G's rows and columns.
+        With exact norms, per row whichever is cheaper for its T tokens (over all contributions):
+        Gram form, T^2 (m + n) + T k_r k_c <= T m n + 2 m n: ||G||^2 = sum_{t,s} (a_t.a_s)(b_t.b_s)
+        and the block from the projected factors, sum_t (P_row a_t)(P_col b_t)^T; otherwise G
+        itself (m x n, one row and one matrix at a time), its norm, and the block by hashing G's
+        rows and columns. With sketch norms every block comes from the projected factors.
         """
-        L = self._layout
-        R = L["R"]
+        R = self._layout["R"]
         m, n = self.shapes[name]
         k_r, k_c = self.block_shape(name)
         row_codes, col_codes = self.codes(name, "row"), self.codes(name, "col")
         device = self._device()
-        block = torch.zeros(R, k_r, k_c, device=device)
-        sq = torch.zeros(R, dtype=torch.float64, device=device)
-        c = len(pieces)
-        # cost per row: Gram norm + block from projected factors vs explicit G (+ hashing it)
-        gram = [(c * (e - s)) ** 2 * (m + n) + c * (e - s) * k_r * k_c < c * (e - s) * m * n + 2 * m * n
-                for s, e in L["bounds"]]
-        projected = []
-        if any(gram):
-            for a, b in pieces:
-                bp = self._apply(b, col_codes, k_c)
-                if a.dtype == torch.long:  # one-hot inputs: P_row[:, id] = +-e_h(id), a signed lookup
-                    if row_codes is None:
-                        projected.append((a, bp))
-                    else:
-                        code = row_codes[a]
-                        negative = code >= k_r
-                        projected.append((code - k_r * negative, torch.where(negative[:, None], -bp, bp)))
-                else:
-                    projected.append((self._apply(a, row_codes, k_r), bp))
-        for r, (s, e) in enumerate(L["bounds"]):
-            if e == s:
+        exact = self.norms == "exact"
+        pieces = [self._compact(a, b) for a, b in pieces]
+        tokens = [sum(bounds[r][1] - bounds[r][0] for _, _, bounds in pieces) for r in range(R)]
+        gram = [not exact or t * t * (m + n) + t * k_r * k_c < t * m * n + 2 * m * n for t in tokens]
+        block = torch.empty(R, k_r, k_c, device=device)  # every row is written below
+        sq = torch.zeros(R, dtype=torch.float64, device=device) if exact else None
+        projected = [self._project_factors(a, b, row_codes, col_codes, k_r, k_c) + (bounds,)
+                     for a, b, bounds in pieces] if any(gram) else []
+        for r in range(R):
+            if tokens[r] == 0:
+                block[r].zero_()
                 continue
-            parts = [(a[s:e], b[s:e]) for a, b in pieces]
+            parts = [(a[bounds[r][0]:bounds[r][1]], b[bounds[r][0]:bounds[r][1]]) for a, b, bounds in pieces] if exact else []
             if gram[r]:
-                total = None
-                for i, (ai, bi) in enumerate(parts):
-                    for j in range(i, c):
-                        aj, bj = parts[j]
-                        term = (self._gram_rows(ai, aj) * (bi @ bj.T)).sum(dtype=torch.float64)
-                        term = term if i == j else 2 * term
-                        total = term if total is None else total + term
-                sq[r] = total
-                for a, b in projected:
-                    a, b = a[s:e], b[s:e]
+                if exact:
+                    sq[r] = self._gram_norm(parts)
+                written = False
+                for a, b, bounds in projected:
+                    s, e = bounds[r]
+                    if e == s:
+                        continue
                     if a.dtype == torch.long:
-                        block[r].index_add_(0, a, b)
+                        if not written:
+                            block[r].zero_()
+                        block[r].index_add_(0, a[s:e], b[s:e])
+                    elif written:
+                        block[r].addmm_(a[s:e].T, b[s:e])
                     else:
-                        block[r].addmm_(a.T, b)
+                        torch.mm(a[s:e].T, b[s:e], out=block[r])
+                    written = True
             else:
                 grad = torch.zeros(m, n, device=device)
                 for a, b in parts:
@@ -568,6 +595,46 @@ class FactoredSketcher:
                 grad = self._apply(grad, col_codes, k_c)
                 block[r] = self._apply(grad.T, row_codes, k_r).T
         return block, sq
+
+    def _compact(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """(a, b, per-row token bounds) of one contribution, without its tokens whose output
+        gradient (a of a linear layer, b of an embedding lookup) is exactly zero when fewer than
+        COMPACT_BELOW of them remain (tokens stay grouped by row, in order)."""
+        L = self._layout
+        grad = b if a.dtype == torch.long else a
+        n_tokens = grad.shape[0]
+        # a zero token has a zero first coordinate: one column tells when a full check can pay off
+        if n_tokens == 0 or int(grad[:, 0].eq(0).sum()) <= (1 - COMPACT_BELOW) * n_tokens:
+            return a, b, L["bounds"]
+        index = grad.ne(0).any(1).nonzero().squeeze(1)
+        if index.numel() >= COMPACT_BELOW * n_tokens:
+            return a, b, L["bounds"]
+        ends = torch.cumsum(torch.bincount(L["row"][index], minlength=L["R"]), 0).tolist()
+        return a[index], b[index], list(zip([0] + ends[:-1], ends))
+
+    def _project_factors(self, a: torch.Tensor, b: torch.Tensor, row_codes: torch.Tensor | None,
+                         col_codes: torch.Tensor | None, k_r: int, k_c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_row a_t, P_col b_t) per token; a one-hot a (ids) stays ids: P_row[:, id] = +-e_h(id)
+        is a signed lookup (bucket ids, sign folded into the column factor)."""
+        bp = self._apply(b, col_codes, k_c)
+        if a.dtype != torch.long:
+            return self._apply(a, row_codes, k_r), bp
+        if row_codes is None:
+            return a, bp
+        code = row_codes[a]
+        negative = code >= k_r
+        return code - k_r * negative, torch.where(negative[:, None], -bp, bp)
+
+    def _gram_norm(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """||sum over parts and tokens of a_t b_t^T||_F^2 (float64) by the Gram form."""
+        total = None
+        for i, (ai, bi) in enumerate(parts):
+            for j in range(i, len(parts)):
+                aj, bj = parts[j]
+                term = (self._gram_rows(ai, aj) * (bi @ bj.T)).sum(dtype=torch.float64)
+                term = term if i == j else 2 * term
+                total = term if total is None else total + term
+        return total
 
     @staticmethod
     def _gram_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -248,3 +248,77 @@ def test_cli_build_projection_factored(tiny_model, sft_data, tmp_path):
     assert SketchStore.open(store).spec.mode == "factored"
     result = CliRunner().invoke(main, args[:-5] + ["--projection", "sparse", "--quiet"])
     assert result.exit_code != 0 and "mode 'sparse' != store 'factored'" in result.output
+
+
+def test_sketch_norms_equal_the_sketch_norm_and_keep_the_sketches(model_tok, popi_rows, sft_rows):
+    model, tok = model_tok
+    params = select_parameters(model)
+    spec = ProjectionSpec(dim=1024, seed=4, mode="factored")
+    exact_mode, sketch_mode = FactoredSketcher(model, params, spec), FactoredSketcher(model, params, spec, norms="sketch")
+    for objective, rows in ((POPIObjective(), popi_rows), (SFTObjective(tok), sft_rows)):
+        batch = objective.batch(rows)
+        a, b = exact_mode.sketch_batch(batch), sketch_mode.sketch_batch(batch)
+        assert close(b.sketches, a.sketches, rtol=1e-5)  # same blocks (exact mode may hash an explicit G)
+        assert b.grad_norms == b.sketches.norm(dim=1).tolist()  # the store's sketch_norm, bit for bit
+        assert b.grad_norms != pytest.approx(a.grad_norms, rel=1e-4)  # an estimate, not the exact norm
+        assert [n == 0 for n in b.grad_norms] == [n == 0 for n in a.grad_norms]
+        assert sketch_mode.blocks(batch)[1] is None
+    with pytest.raises(BadInputError, match="exact, sketch"):
+        FactoredSketcher(model, params, spec, norms="approx")
+
+
+def test_sketch_norm_is_unbiased_in_square_over_seeds(model_tok, sft_rows):
+    model, tok = model_tok
+    params = select_parameters(model)
+    grads, norms = exact(model, SFTObjective(tok), sft_rows, params)
+    exact_sq = torch.tensor(norms, dtype=torch.float64) ** 2
+    # the sketches of explicit gradients under each seed's factors (== sketch_batch's, tested above)
+    per_seed = torch.stack([
+        FactoredSketcher(model, params, ProjectionSpec(dim=256, seed=seed, mode="factored"))
+        .reference(grads).double().pow(2).sum(1).div(exact_sq).mean() for seed in range(48)])
+    assert per_seed.std() > 0.005  # a random estimate ...
+    assert abs(float(per_seed.mean()) - 1) < 4 * float(per_seed.std()) / 48 ** 0.5, per_seed  # ... unbiased in square
+
+
+def test_dropping_zero_gradient_tokens_is_exact(model_tok, sft_rows, monkeypatch):
+    model, tok = model_tok
+    params = select_parameters(model, ["model.layers.1.*", "lm_head.weight", TIED])
+    sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=512, seed=5, mode="factored"))
+    grads, norms = exact(model, SFTObjective(tok), sft_rows, params)
+    kept = []
+    compact = FactoredSketcher._compact
+
+    def counted(self, a, b):
+        out = compact(self, a, b)
+        kept.append(out[0].shape[0] / a.shape[0])
+        return out
+
+    monkeypatch.setattr(FactoredSketcher, "_compact", counted)
+    blocks, sq_norms, _ = sketcher.blocks(SFTObjective(tok).batch(sft_rows))
+    assert min(kept) < factored.COMPACT_BELOW  # the last layer's prompt tokens carry no gradient
+    expected = kronecker(sketcher, grads)
+    for name in expected:
+        assert close(blocks[name], expected[name]), name
+    assert torch.allclose(sq_norms.sqrt(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
+
+
+def test_build_and_cli_record_the_norm_kind(tiny_model, sft_data, tmp_path):
+    from cli.sketch import main
+
+    common = ["build", "--model", str(tiny_model), "--data", str(sft_data[0]), "--checkpoint", "c0", "--split",
+              "train", "--dim", "512", "--dtype", "float32", "--projection", "factored", "--quiet"]
+    for kind in ("exact", "sketch"):
+        result = CliRunner().invoke(main, common + ["--store", str(tmp_path / kind), "--norms", kind])
+        assert result.exit_code == 0, result.output
+    _, rows = catalog.query(SketchStore.open(tmp_path / "sketch"),
+                            "SELECT id, grad_norm, sketch_norm, grad_norm_kind FROM sketches ORDER BY id")
+    _, exact_rows = catalog.query(SketchStore.open(tmp_path / "exact"),
+                                  "SELECT id, grad_norm, sketch_norm, grad_norm_kind FROM sketches ORDER BY id")
+    assert [r[3] for r in rows] == ["sketch"] * 24 and [r[3] for r in exact_rows] == ["exact"] * 24
+    assert all(r[1] == r[2] for r in rows)
+    assert [r[1] for r in rows] != pytest.approx([r[1] for r in exact_rows], rel=1e-4)
+    ids, x = SketchStore.open(tmp_path / "sketch").read("c0", "train")
+    _, y = SketchStore.open(tmp_path / "exact").read("c0", "train", ids=ids)
+    assert torch.allclose(x, y, atol=1e-5)
+    result = CliRunner().invoke(main, common[:-3] + ["--store", str(tmp_path / "s"), "--norms", "sketch", "--quiet"])
+    assert result.exit_code != 0 and "--norms sketch needs --projection factored" in result.output
