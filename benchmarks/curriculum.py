@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--stages", type=int, default=6)
     parser.add_argument("--steps-per-stage", type=int, default=15)
+    parser.add_argument("--fraction", type=float, default=DemoConfig.fraction)
     parser.add_argument("--lr", type=float, default=DemoConfig.lr)
     parser.add_argument("--max-tokens", type=int, default=DemoConfig.max_tokens)
     parser.add_argument("--metric", default=DemoConfig.metric)
@@ -73,8 +74,8 @@ def main() -> None:
     try:
         for seed in args.seeds:
             demo = DemoConfig(out=args.out / f"seed{seed}", strategies=tuple(args.strategies), stages=args.stages,
-                              steps_per_stage=args.steps_per_stage, lr=args.lr, max_tokens=args.max_tokens,
-                              metric=args.metric, seed=seed, device=args.device)
+                              steps_per_stage=args.steps_per_stage, fraction=args.fraction, lr=args.lr,
+                              max_tokens=args.max_tokens, metric=args.metric, seed=seed, device=args.device)
             base = curriculum_config(demo, model, write_demo_tasks(demo))
             if engine is None:
                 t = base.train
@@ -89,7 +90,7 @@ def main() -> None:
     finally:
         if engine is not None:
             close_engine(engine)
-    figures = {"model": str(model), "seeds": args.seeds, "stages": args.stages,
+    figures = {"model": str(model), "seeds": args.seeds, "stages": args.stages, "fraction": args.fraction,
                "steps_per_stage": args.steps_per_stage, "metric": args.metric,
                "summary": summarise(per_seed), "seconds": time.perf_counter() - start}
     (args.out / "curriculum.json").write_text(json.dumps(figures, indent=1))
