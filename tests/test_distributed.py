@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 
 import pytest
 import torch
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
+from distributed import LocalCluster
 
 from cli.sketch import main as sketch
 from sketchstore import catalog, distributed
@@ -19,8 +18,6 @@ from sketchstore.scoring import ScoreOptions, SplitRef, load_scores, score, scor
 from sketchstore.selection import select
 from sketchstore.spec import ProjectionSpec
 from sketchstore.store import SketchBatch, SketchStore
-
-from test_object_store import BUCKET, s3_env  # noqa: F401  (the moto S3 server fixture)
 
 DIM = 64
 CHUNK_ROWS = 8
@@ -106,17 +103,6 @@ def test_tasks_with_gaps_match_streaming(client, stores, unit):
     assert len(got) > len(store.part_names())
     assert [key for ids, _ in got for key in ids] == [key for ids, _ in expected for key in ids]
     assert torch.allclose(torch.cat([s for _, s in got]), torch.cat([s for _, s in expected]), atol=1e-5)
-
-
-def test_object_store_workers_read_the_url(s3_env, stores):
-    # In-process workers (threads): they see the moto endpoint set in os.environ after the module's
-    # worker processes were started; each still opens the store from its URL, as a remote worker would.
-    remote = SketchStore.create(f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/store", ProjectionSpec(dim=DIM), chunk_rows=CHUNK_ROWS)
-    fill(remote)
-    with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster, Client(cluster) as threads:
-        assert score(remote, TRAIN, VALS, progress=False, client=threads).scored == 204
-    score(stores[0], TRAIN, VALS, progress=False)
-    assert_same_scores(stores[0], remote, ScoreOptions())
 
 
 def test_cli_dask_scheduler(client, stores):
