@@ -45,14 +45,13 @@ def length_reward(response: str, answer: str, stats=None) -> float:
 
 
 def hf_token_logprobs(model, prompt_ids, response_ids, temperature):
-    """log_softmax(logits / T) of each response token under an HF model."""
+    """log_softmax(logits / T) of each response token under an HF model (sketchstore.popi's)."""
     import torch
 
+    from sketchstore.popi import token_logprobs
+
     with torch.no_grad():
-        ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0]
+        return token_logprobs(model, list(prompt_ids), [list(response_ids)], temperature)[0]
 
 
 def max_abs(a, b) -> float:
