@@ -60,6 +60,10 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=6)
     parser.add_argument("--steps-per-stage", type=int, default=15)
     parser.add_argument("--fraction", type=float, default=DemoConfig.fraction)
+    parser.add_argument("--pool-size", type=int, default=DemoConfig.pool_size)
+    parser.add_argument("--val-size", type=int, default=DemoConfig.val_size)
+    parser.add_argument("--eval-size", type=int, default=DemoConfig.eval_size)
+    parser.add_argument("--prompts-per-step", type=int, default=DemoConfig.prompts_per_step)
     parser.add_argument("--lr", type=float, default=DemoConfig.lr)
     parser.add_argument("--max-tokens", type=int, default=DemoConfig.max_tokens)
     parser.add_argument("--metric", default=DemoConfig.metric)
@@ -75,7 +79,9 @@ def main() -> None:
         for seed in args.seeds:
             demo = DemoConfig(out=args.out / f"seed{seed}", strategies=tuple(args.strategies), stages=args.stages,
                               steps_per_stage=args.steps_per_stage, fraction=args.fraction, lr=args.lr,
-                              max_tokens=args.max_tokens, metric=args.metric, seed=seed, device=args.device)
+                              max_tokens=args.max_tokens, metric=args.metric, seed=seed, device=args.device,
+                              pool_size=args.pool_size, val_size=args.val_size, eval_size=args.eval_size,
+                              prompts_per_step=args.prompts_per_step)
             base = curriculum_config(demo, model, write_demo_tasks(demo))
             if engine is None:
                 t = base.train
