@@ -4,9 +4,9 @@ Acceleration of a method (the paper's headline figure, 2.66x on a 1.5B model): t
 the full-pool run needs to first reach its best accuracy, divided by the steps the method
 needs to first reach that same accuracy. Accuracy is pass@1 averaged over the evaluation
 sets, read from each run's evaluation log: greedy by default, or ``sampled`` (the mean reward
-of the evaluation samples at the training temperature, what GRPO optimises). A method that never reaches it has
-no acceleration (reported as null), and one that starts at or above it is reported as
-"reached at step 0" (the ratio is then undefined too).
+of the evaluation samples at the training temperature, what GRPO optimises). A method that
+never reaches it has no acceleration (reported as null), and one that starts at or above it is
+reported as "reached at step 0" (the ratio is then undefined too).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 from sketchstore.errors import BadInputError
 
 from .curriculum import Curriculum, CurriculumConfig
-from .engine import close_engine, make_engine
-from .trainer import read_log
+from .engine import close_engine
+from .trainer import read_log, start_engine
 
 BASELINE = "full"
 METRICS = ("greedy", "sampled")
@@ -109,9 +109,7 @@ def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
     t = base.train
     own_engine = engine is None
     if own_engine:
-        engine = make_engine(t.model, seed=t.seed, device=t.device, dtype=t.dtype, max_model_len=t.max_model_len,
-                             kv_cache_gib=t.kv_cache_gib, gpu_memory_utilization=t.gpu_memory_utilization,
-                             cpu_threads=t.threads)
+        engine = start_engine(t)
     results: dict[str, dict] = {}
     curves = {}
     try:

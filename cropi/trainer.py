@@ -341,6 +341,14 @@ class PoolSampler:
         self._perm = None
 
 
+def start_engine(config: TrainConfig, model_dir: str | os.PathLike | None = None):
+    """A live vLLM engine with ``config``'s device, dtype, memory and thread settings, loaded
+    from ``model_dir`` (default: ``config.model``)."""
+    return make_engine(model_dir or config.model, seed=config.seed, device=config.device, dtype=config.dtype,
+                       max_model_len=config.max_model_len, kv_cache_gib=config.kv_cache_gib,
+                       gpu_memory_utilization=config.gpu_memory_utilization, cpu_threads=config.threads)
+
+
 # --------------------------------------------------------------------------------------
 # Log / plots
 # --------------------------------------------------------------------------------------
@@ -533,9 +541,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         self._owns_engine = engine is None
         if engine is None:
-            self.engine = make_engine(weights_dir, seed=c.seed, device=c.device, dtype=c.dtype,
-                                      max_model_len=c.max_model_len, kv_cache_gib=c.kv_cache_gib,
-                                      gpu_memory_utilization=c.gpu_memory_utilization, cpu_threads=c.threads)
+            self.engine = start_engine(c, weights_dir)
             self._log_msg(f"engine started in {time.perf_counter() - t0:.1f}s")
         else:  # a live engine of the same architecture (e.g. shared by the arms of a comparison)
             self.engine = engine
