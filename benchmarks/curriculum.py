@@ -67,6 +67,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DemoConfig.lr)
     parser.add_argument("--max-tokens", type=int, default=DemoConfig.max_tokens)
     parser.add_argument("--metric", default=DemoConfig.metric)
+    parser.add_argument("--n", type=int, default=DemoConfig.n, help="samples per prompt in a GRPO step")
+    parser.add_argument("--popi-n", type=int, default=DemoConfig.popi_n, help="behaviour trajectories per prompt")
+    parser.add_argument("--eval-every", type=int, default=DemoConfig.eval_every)
+    parser.add_argument("--eval-samples", type=int, default=DemoConfig.eval_samples)
+    parser.add_argument("--instruction", default=DemoConfig.instruction,
+                        help="appended to every prompt (e.g. the answer format, for a chat model such as SmolLM2)")
     parser.add_argument("--refresh-every", type=int, default=2,
                         help="adds the arm cropi-refreshN: behaviour trajectories re-sampled every N stages (0: no arm)")
     parser.add_argument("--device", default="cpu")
@@ -81,7 +87,8 @@ def main() -> None:
                               steps_per_stage=args.steps_per_stage, fraction=args.fraction, lr=args.lr,
                               max_tokens=args.max_tokens, metric=args.metric, seed=seed, device=args.device,
                               pool_size=args.pool_size, val_size=args.val_size, eval_size=args.eval_size,
-                              prompts_per_step=args.prompts_per_step)
+                              prompts_per_step=args.prompts_per_step, n=args.n, popi_n=args.popi_n,
+                              eval_every=args.eval_every, eval_samples=args.eval_samples, instruction=args.instruction)
             base = curriculum_config(demo, model, write_demo_tasks(demo))
             if engine is None:
                 t = base.train

@@ -57,3 +57,13 @@ def test_demo_tasks_follow_levels_and_config_is_checked(tmp_path):
                          (dict(metric="pass@8"), "unknown accuracy metric"), (dict(pool_size=0), "pool_size")):
         with pytest.raises(BadInputError, match=message):
             DemoConfig(out=tmp_path, **bad)
+
+
+def test_demo_instruction_is_appended_to_every_prompt(tmp_path):
+    plain = write_demo_tasks(DemoConfig(out=tmp_path / "plain", pool_size=6, val_size=2, eval_size=3))
+    told = write_demo_tasks(DemoConfig(out=tmp_path / "told", pool_size=6, val_size=2, eval_size=3,
+                                       instruction="End with 'The answer is N.'"))
+    for name in ("pool", "val", "eval"):
+        before, after = read_rows(plain[name]), read_rows(told[name])
+        assert [r["prompt"] + " End with 'The answer is N.'" for r in before] == [r["prompt"] for r in after]
+        assert [r["answer"] for r in before] == [r["answer"] for r in after]
