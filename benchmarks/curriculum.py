@@ -22,12 +22,14 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cropi.compare import run_comparison
 from cropi.demo import DemoConfig, curriculum_config, write_demo_tasks
-from cropi.engine import close_engine, make_engine
+from cropi.engine import close_engine
 from cropi.tiny_model import ensure_warm_model
+from cropi.trainer import start_engine
 
 STRATEGIES = ("cropi", "random", "learnability", "pass-rate", "influence-once")
 
@@ -90,10 +92,8 @@ def main() -> None:
                               prompts_per_step=args.prompts_per_step, n=args.n, popi_n=args.popi_n,
                               eval_every=args.eval_every, eval_samples=args.eval_samples, instruction=args.instruction)
             base = curriculum_config(demo, model, write_demo_tasks(demo))
-            if engine is None:
-                t = base.train
-                engine = make_engine(model, seed=t.seed, device=t.device, dtype=t.dtype, kv_cache_gib=t.kv_cache_gib,
-                                     gpu_memory_utilization=t.gpu_memory_utilization, cpu_threads=os.cpu_count())
+            if engine is None:  # one engine, on all cores, serves every seed and arm
+                engine = start_engine(replace(base.train, threads=os.cpu_count()))
             variants = ({f"cropi-refresh{args.refresh_every}": {"strategy": "cropi", "refresh_every": args.refresh_every}}
                         if args.refresh_every else {})
             result = run_comparison(base, list(args.strategies), demo.out, log=print, metric=args.metric,
