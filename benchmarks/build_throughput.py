@@ -31,7 +31,8 @@ every method on the same prompts (those every method scored, i.e. faithful's, wi
 non-negligible exact gradient); keys ending in _all: each method over all the prompts it scored. Throughput counts train prompts only: wall time of ``build_sketches`` (model load
 included) for the train split, after the validation split was built in the same process.
 
-    python benchmarks/build_throughput.py                 # default run (~13 min on 2 shared CPU cores)
+    python benchmarks/build_throughput.py                 # default run, k = 8192 (~5 min on 2 idle CPU cores)
+    python benchmarks/build_throughput.py --dim 32768     # the paper's k (~9 min)
     python benchmarks/build_throughput.py --quick         # smoke run
 
 Ends with one JSON line.

@@ -61,7 +61,7 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float16", show_default=True, help="Storage dtype.")
 @click.option("--params", default=None, help="Comma-separated glob patterns of parameter names (default: all).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows projected together.")
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows projected together (factored: rows per forward/backward; 32-64 is faster).")
 @click.option("--flush-every", default=DEFAULT_FLUSH_ROWS, show_default=True, help="Rows per committed part.")
 @click.option("--max-length", default=1024, show_default=True, help="Token limit per row.")
 @click.option("--compressor", default=DEFAULT_COMPRESSOR, show_default=True, help="none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
