@@ -23,10 +23,10 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sketchstore.data import read_json_lines, read_parquet_rows, write_rows
 from sketchstore.errors import BadInputError
 
 __all__ = [
@@ -502,22 +502,6 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
     return out
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInputError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise BadInputError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(obj)
-    return rows
-
-
 def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read tasks from ``.jsonl`` / ``.json`` / ``.parquet`` (any of the supported layouts)."""
     p = Path(path)
@@ -525,7 +509,7 @@ def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise BadInputError(f"{p}: task file does not exist")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        raw = _read_json_lines(p)
+        raw = read_json_lines(p)
     elif suffix == ".json":
         try:
             obj = json.loads(p.read_text(encoding="utf-8"))
@@ -537,12 +521,7 @@ def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise BadInputError(f"{p}: expected a JSON list of objects")
         raw = obj
     elif suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            raw = pq.read_table(p).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise BadInputError(f"{p}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raw = read_parquet_rows(p)
     else:
         raise BadInputError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl, .json or .parquet)")
     return normalize_rows(raw, str(p))
@@ -552,33 +531,10 @@ def write_tasks(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path
     """Write task rows to ``.jsonl`` or ``.parquet`` (atomically: temp file + rename)."""
     p = Path(path)
     rows = list(rows)
-    suffix = p.suffix.lower()
-    if suffix not in (".jsonl", ".ndjson", ".parquet", ".pq"):
-        raise BadInputError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl or .parquet)")
+    if p.suffix.lower() not in (".jsonl", ".ndjson", ".parquet", ".pq"):
+        raise BadInputError(f"{p}: unsupported task file extension {p.suffix.lower()!r} (use .jsonl or .parquet)")
     ids = [r.get("id") for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise BadInputError(f"{p}: refusing to write duplicate id {dup!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        if suffix in (".jsonl", ".ndjson"):
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            keys: dict[str, None] = {}
-            for r in rows:
-                keys.update(dict.fromkeys(r))
-            table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-            pq.write_table(table, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return write_rows(rows, p)

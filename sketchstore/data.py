@@ -25,30 +25,38 @@ def _format_of(path: Path) -> str:
     raise BadInputError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .parquet)")
 
 
+def read_json_lines(path: Path) -> list[dict]:
+    """Objects of a JSON-lines file (blank lines skipped); a bad line is named by number."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BadInputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise BadInputError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_parquet_rows(path: Path) -> list[dict]:
+    """Rows of a Parquet file as dicts."""
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise BadInputError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0] if str(err) else err!r})") from None
+
+
 def read_rows(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
     """Rows of a JSONL/Parquet file; checks ``required`` columns and unique string ``id``s."""
     path = Path(path)
     fmt = _format_of(path)
     if not path.is_file():
         raise BadInputError(f"data file not found: {path}")
-    if fmt == "jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise BadInputError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise BadInputError(f"{path}:{lineno}: each line must be a JSON object")
-                rows.append(row)
-    else:
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (OSError, pa.ArrowException) as err:
-            raise BadInputError(f"{path}: not a readable Parquet file ({err})") from err
+    rows = read_json_lines(path) if fmt == "jsonl" else read_parquet_rows(path)
     check_rows(rows, required, str(path))
     return rows
 
@@ -83,9 +91,13 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> Path:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         else:
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, first-seen order
+            pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), tmp)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise BadInputError(f"cannot write {path}: {err.strerror or err}") from err
+    except BaseException:  # e.g. rows Arrow cannot type: nothing half-written stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path

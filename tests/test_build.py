@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -92,6 +93,15 @@ def test_mismatches_are_refused_and_store_kept(tiny_model, other_tiny_model, sft
     # the other model is fine under its own checkpoint name
     assert build_sketches(config(other_tiny_model, train, tmp_path / "s", checkpoint="c1"), progress=False).added == 24
     assert SketchStore.open(tmp_path / "s").manifest(checkpoint="c0").num_rows == before
+
+
+def test_write_rows_keeps_every_column_and_nothing_half_written(tmp_path):
+    rows = [{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "q", "level": 3}]
+    path = write_rows(rows, tmp_path / "rows.parquet")
+    assert read_rows(path) == [{"id": "a", "prompt": "p", "level": None}, {"id": "b", "prompt": "q", "level": 3}]
+    with pytest.raises(pa.ArrowException):
+        write_rows([{"id": "a", "x": 1}, {"id": "b", "x": "text"}], tmp_path / "mixed.parquet")  # no Arrow type fits
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.parquet"]
 
 
 def test_bad_data_is_named(tiny_model, tmp_path):

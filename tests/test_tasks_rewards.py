@@ -216,7 +216,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(BadInputError, match="extension"):
         read_tasks(tmp_path / "t.csv")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "x", "answer": "1"}\n{oops\n')
-    with pytest.raises(BadInputError, match="line 2"):
+    with pytest.raises(BadInputError, match=r"broken.jsonl:2: malformed JSON"):
         read_tasks(tmp_path / "broken.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(BadInputError, match="no rows"):
