@@ -29,9 +29,10 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
-from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, score, select
+from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, load_scores,
+                         score, select)
 from sketchstore.data import read_rows, write_rows
 from sketchstore.errors import BadInputError
 
@@ -101,6 +102,22 @@ def _save_state(out: Path, state: dict) -> None:
     os.replace(tmp, out / STATE_NAME)
 
 
+def describe_influence(stage: int, per_set: Mapping[SplitRef, Mapping[str, float]], chosen: Sequence[str]) -> str:
+    """One log line: how many pool prompts align with the validation gradient (best score over
+    validation sets > 0), how many have none (score 0: zero gradient), and how many of the
+    chosen align; when some chosen do not, the selection is partly arbitrary (ties by id)."""
+    best = {i: max(scores[i] for scores in per_set.values()) for i in next(iter(per_set.values()))}
+    positive = sum(v > 0 for v in best.values())
+    zero = sum(v == 0 for v in best.values())
+    chosen_positive = sum(best[i] > 0 for i in chosen)
+    line = (f"stage {stage}: influence > 0 for {positive} of {len(best)} pool prompts ({zero} with zero gradient); "
+            f"{chosen_positive} of {len(chosen)} selected align")
+    if chosen_positive < len(chosen):
+        line += (" -- warning: the rest are filled from zero or negative scores (ties by id); more behaviour "
+                 "samples (--popi-n) or an easier pool give more informative prompts")
+    return line
+
+
 class Curriculum:
     """Runs (or resumes) one strategy's stages; see the module docstring."""
 
@@ -167,7 +184,9 @@ class Curriculum:
         train = SplitRef(name, "pool")
         vals = [SplitRef(name, f"val-{n}") for n in self.val_files]
         score(store, train, vals, ScoreOptions(), progress=False)
-        return [s.id for s in select(store, train, vals, c.fraction, fusion=c.fusion)]
+        chosen = [s.id for s in select(store, train, vals, c.fraction, fusion=c.fusion)]
+        self.log(describe_influence(stage, load_scores(store, train, vals), chosen))
+        return chosen
 
     def stage_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path] | None) -> list[str]:
         """The ids stage ``stage`` trains on (read back when already made, e.g. after a resume)."""

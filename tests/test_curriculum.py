@@ -118,6 +118,10 @@ def test_cropi_selects_top_influence_at_each_checkpoint(comparison):
         scores = facts["scores"][str(stage)]
         top = sorted(scores, key=lambda i: (-scores[i], i))[:want]
         assert sorted(_selection(out, "cropi", stage)) == sorted(top)
+        positive, aligned = sum(v > 0 for v in scores.values()), sum(scores[i] > 0 for i in top)
+        summary = f"stage {stage}: influence > 0 for {positive} of {POOL} pool prompts ({manifest['zero']} with zero"
+        line = next(line for line in facts["logs"] if line.startswith(summary))  # the stage's summary is logged
+        assert f"; {aligned} of {want} selected align" in line and ("warning" in line) == (aligned < want)
     assert facts["scores"]["0"] != facts["scores"]["1"]  # re-scored at the new checkpoint
 
 
