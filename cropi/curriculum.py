@@ -105,7 +105,7 @@ def _save_state(out: Path, state: dict) -> None:
 def describe_influence(stage: int, per_set: Mapping[SplitRef, Mapping[str, float]], chosen: Sequence[str]) -> str:
     """One log line: how many pool prompts align with the validation gradient (best score over
     validation sets > 0), how many have none (score 0: zero gradient), and how many of the
-    chosen align; when some chosen do not, the selection is partly arbitrary (ties by id)."""
+    chosen align; when some chosen do not, the selection is partly arbitrary (ties by tie_key)."""
     best = {i: max(scores[i] for scores in per_set.values()) for i in next(iter(per_set.values()))}
     positive = sum(v > 0 for v in best.values())
     zero = sum(v == 0 for v in best.values())
@@ -113,7 +113,7 @@ def describe_influence(stage: int, per_set: Mapping[SplitRef, Mapping[str, float
     line = (f"stage {stage}: influence > 0 for {positive} of {len(best)} pool prompts ({zero} with zero gradient); "
             f"{chosen_positive} of {len(chosen)} selected align")
     if chosen_positive < len(chosen):
-        line += (" -- warning: the rest are filled from zero or negative scores (ties by id); more behaviour "
+        line += (" -- warning: the rest are filled from zero or negative scores (ties in hash order); more behaviour "
                  "samples (--popi-n) or an easier pool give more informative prompts")
     return line
 

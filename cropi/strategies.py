@@ -6,7 +6,7 @@ Every strategy maps (pool ids, facts about them) to the ids of one stage:
 - ``random``: a seeded random fraction, drawn once (the same subset every stage).
 - ``learnability``: the top fraction by p(1 - p), p = the behaviour policy's pass rate
   (prompts the policy solves about half the time teach it most, per the learnability
-  heuristic); ties broken by id.
+  heuristic); ties broken by a hash of the id (sketchstore.selection.tie_key).
 - ``pass-rate``: a seeded random fraction among prompts with 0 < p < 1 (all of them if fewer).
 - ``influence-once``: CROPI's influence selection made at stage 0 and kept (no curriculum).
 - ``cropi``: influence selection re-made at every stage at the current checkpoint.
@@ -18,6 +18,7 @@ import random
 from typing import Mapping, Sequence
 
 from sketchstore.errors import BadInputError
+from sketchstore.selection import ranked
 
 STRATEGIES = ("cropi", "full", "random", "learnability", "pass-rate", "influence-once")
 INFLUENCE_STRATEGIES = ("cropi", "influence-once")
@@ -35,8 +36,8 @@ def random_subset(ids: Sequence[str], fraction: float, seed: int) -> list[str]:
 
 
 def learnability(ids: Sequence[str], pass_rates: Mapping[str, float], fraction: float) -> list[str]:
-    ranked = sorted(ids, key=lambda i: (-pass_rates[i] * (1 - pass_rates[i]), i))
-    return ranked[:count_for(fraction, len(ids))]
+    learn = {i: pass_rates[i] * (1 - pass_rates[i]) for i in ids}
+    return ranked(learn)[:count_for(fraction, len(ids))]
 
 
 def pass_rate_filter(ids: Sequence[str], pass_rates: Mapping[str, float], fraction: float, seed: int) -> list[str]:

@@ -6,11 +6,14 @@ Several validation sets are fused into one ranking:
 - ``mean``: mean of the per-set scores (sensible when all sets use one metric).
 - ``max``: the best per-set score.
 
-Ties are broken by id so a selection is reproducible.
+Ties are broken by a hash of the id (:func:`tie_key`): reproducible, and unrelated to what ids
+spell (breaking them by the id itself fills a selection's zero-score ties with whatever sorts first,
+e.g. every ``arith-*`` prompt before any ``word-*`` one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,16 @@ class Selected:
     id: str
     score: float
     rank: int
+
+
+def tie_key(key: str) -> bytes:
+    """Order among rows of equal score: a hash of the id (stable across runs and machines)."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest() + key.encode("utf-8")
+
+
+def ranked(scores: Mapping[str, float], keys: Iterable[str] | None = None) -> list[str]:
+    """``keys`` (default: all of ``scores``) best first, ties by :func:`tie_key`."""
+    return sorted(scores if keys is None else keys, key=lambda i: (-scores[i], tie_key(i)))
 
 
 def parse_top(text: str | float | int) -> float | int:
@@ -57,8 +70,7 @@ def fuse(per_set: Sequence[Mapping[str, float]], fusion: str = "rrf") -> dict[st
         return {i: max(s[i] for s in per_set) for i in ids}
     fused = dict.fromkeys(ids, 0.0)
     for scores in per_set:
-        ranked = sorted(ids, key=lambda i: (-scores[i], i))
-        for rank, key in enumerate(ranked, 1):
+        for rank, key in enumerate(ranked(scores, ids), 1):
             fused[key] += 1.0 / rank
     return fused
 
@@ -66,7 +78,7 @@ def fuse(per_set: Sequence[Mapping[str, float]], fusion: str = "rrf") -> dict[st
 def top_rows(scores: Mapping[str, float], top: float | int, exclude: Iterable[str] = ()) -> list[Selected]:
     """The best ``top`` rows (a fraction of the candidates, or a count), skipping ``exclude``."""
     excluded = set(exclude)
-    candidates = sorted((key for key in scores if key not in excluded), key=lambda i: (-scores[i], i))
+    candidates = ranked(scores, (key for key in scores if key not in excluded))
     count = max(1, round(top * len(candidates))) if isinstance(top, float) else top
     return [Selected(key, float(scores[key]), rank) for rank, key in enumerate(candidates[:count], 1)]
 

@@ -17,6 +17,7 @@ import pytest
 
 from cropi.tasks import generate_tasks
 from sketchstore.data import read_rows, write_rows
+from sketchstore.selection import ranked
 
 STRATEGIES = ["cropi", "random", "learnability", "pass-rate", "influence-once"]
 POOL, VAL, FRACTION, STAGES, STEPS = 30, 8, 0.2, 2, 2
@@ -116,7 +117,7 @@ def test_cropi_selects_top_influence_at_each_checkpoint(comparison):
         assert manifest["rows"] == POOL  # every pool prompt sketched at this checkpoint ...
         assert manifest["zero"] > 0  # ... zero-advantage prompts recorded as zero-gradient rows
         scores = facts["scores"][str(stage)]
-        top = sorted(scores, key=lambda i: (-scores[i], i))[:want]
+        top = ranked(scores)[:want]
         assert sorted(_selection(out, "cropi", stage)) == sorted(top)
         positive, aligned = sum(v > 0 for v in scores.values()), sum(scores[i] > 0 for i in top)
         summary = f"stage {stage}: influence > 0 for {positive} of {POOL} pool prompts ({manifest['zero']} with zero"

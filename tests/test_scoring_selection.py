@@ -13,7 +13,7 @@ from sketchstore import catalog
 from sketchstore.data import read_rows, write_rows
 from sketchstore.errors import BadInputError, UnknownKeyError
 from sketchstore.scoring import ScoreOptions, SplitRef, load_scores, score
-from sketchstore.selection import export_selection, fuse, parse_top, prune, select, top_rows
+from sketchstore.selection import export_selection, fuse, parse_top, prune, select, tie_key, top_rows
 from sketchstore.spec import ProjectionSpec
 from sketchstore.store import SketchBatch, SketchStore
 
@@ -116,6 +116,18 @@ def test_top_rows_fraction_count_exclude():
     for bad in ("0", "-1", "abc", "2.5"):
         with pytest.raises(BadInputError, match="--top"):
             parse_top(bad)
+
+
+def test_ties_do_not_follow_what_ids_spell():
+    """Zero-score ties (e.g. zero-gradient prompts) fill a selection in hash order, not id order:
+    with ids that name a family, id order would pick one family first."""
+    scores = {f"{family}-{i}": 0.0 for family in ("arith", "word") for i in range(50)}
+    scores["word-7"] = 1.0
+    chosen = [s.id for s in top_rows(scores, 0.5)]
+    assert chosen[0] == "word-7" and chosen == [s.id for s in top_rows(dict(reversed(scores.items())), 0.5)]
+    assert 10 < sum(i.startswith("arith") for i in chosen) < 40  # id order would take all 50 arith-* first
+    assert chosen[1:] == sorted(chosen[1:], key=tie_key)
+    assert fuse([scores], "rrf")["word-7"] == 1.0 and len(set(fuse([scores], "rrf").values())) == 100
 
 
 def test_select_export_and_prune(store, tmp_path):
