@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, load_scores,
-                         score, select)
+from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, fuse,
+                         load_scores, score)
 from sketchstore.data import read_rows, write_rows
+from sketchstore.selection import top_rows
 from sketchstore.errors import BadInputError
 
 from .rollout import RolloutConfig, read_trajectories, run_rollouts
@@ -184,8 +185,9 @@ class Curriculum:
         train = SplitRef(name, "pool")
         vals = [SplitRef(name, f"val-{n}") for n in self.val_files]
         score(store, train, vals, ScoreOptions(), progress=False)
-        chosen = [s.id for s in select(store, train, vals, c.fraction, fusion=c.fusion)]
-        self.log(describe_influence(stage, load_scores(store, train, vals), chosen))
+        per_set = load_scores(store, train, vals)  # read once: for the selection and for its summary
+        chosen = [s.id for s in top_rows(fuse([per_set[v] for v in vals], c.fusion), c.fraction)]
+        self.log(describe_influence(stage, per_set, chosen))
         return chosen
 
     def stage_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path] | None) -> list[str]:
