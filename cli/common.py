@@ -8,6 +8,7 @@ from typing import Callable
 
 import click
 
+from cropi.errors import CropiError
 from sketchstore.errors import SketchStoreError
 
 EXIT_BAD_INPUT = 2
@@ -21,7 +22,7 @@ def one_line_errors(func: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except SketchStoreError as err:
+        except (SketchStoreError, CropiError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from cropi.compare import METRICS
 from cropi.demo import DemoConfig
 from cropi.strategies import STRATEGIES
 from cropi.trainer import DEFAULT_LR
-from sketchstore.errors import BadInputError
+from cropi.errors import BadConfigError
 
 from .common import one_line_errors
 
@@ -203,7 +203,7 @@ def compare_cmd(strategies, metric, eval_samples, **options) -> None:
     names = list(_strategy_list(strategies))
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
-        raise BadInputError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        raise BadConfigError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     base = _curriculum_config("full", **{**options, "out": Path(options["out"]) / "full"})
     base.train.eval_samples = eval_samples
     result = run_comparison(base, names, Path(options["out"]), log=click.echo, metric=metric)
@@ -245,7 +245,7 @@ def import_gguf_cmd(gguf_file, smollm2, out, dtype) -> None:
     from cropi.hf_import import find_smollm2_gguf, import_gguf
 
     if (gguf_file is None) == (not smollm2):
-        raise BadInputError("give exactly one of --gguf FILE or --smollm2")
+        raise BadConfigError("give exactly one of --gguf FILE or --smollm2")
     click.echo(f"imported -> {import_gguf(find_smollm2_gguf() if smollm2 else gguf_file, out, dtype=dtype)}")
 
 

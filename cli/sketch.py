@@ -222,3 +222,7 @@ def repair_cmd(store_path) -> None:
 
     moved = repair(SketchStore.open(store_path, writable=True))
     click.echo(f"{len(moved)} damaged parts moved to .quarantine/: {', '.join(moved) or '-'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from sketchstore.errors import BadInputError
+from .errors import BadConfigError
 
 from .curriculum import Curriculum, CurriculumConfig
 from .engine import close_engine
@@ -96,13 +96,13 @@ def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
     replaced (e.g. ``{"cropi-refresh2": {"strategy": "cropi", "refresh_every": 2}}``). All arms
     share one live engine: ``engine`` if given, else one started (and shut down) here."""
     if metric not in METRICS:
-        raise BadInputError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(METRICS)}")
+        raise BadConfigError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(METRICS)}")
     if metric == "sampled" and not base.train.eval_samples:
-        raise BadInputError("metric 'sampled' needs eval_samples > 0 in the training config")
+        raise BadConfigError("metric 'sampled' needs eval_samples > 0 in the training config")
     arms = {name: {"strategy": name} for name in [BASELINE, *strategies]}
     for name, overrides in (variants or {}).items():
         if name in arms:
-            raise BadInputError(f"variant name {name!r} clashes with a strategy name")
+            raise BadConfigError(f"variant name {name!r} clashes with a strategy name")
         arms[name] = {"strategy": base.strategy, **overrides}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ Files under ``out``::
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,10 +32,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, fuse,
                          load_scores, score)
+from sketchstore.atomic import write_text_atomic
 from sketchstore.data import read_rows, write_rows
 from sketchstore.selection import top_rows
-from sketchstore.errors import BadInputError
 
+from .errors import BadConfigError
 from .rollout import RolloutConfig, read_trajectories, run_rollouts
 from .strategies import INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
 from .tasks import read_tasks
@@ -73,18 +73,18 @@ class CurriculumConfig:
         self.pool = Path(self.pool)
         self.val_sets = {name: Path(p) for name, p in self.val_sets.items()}
         if self.strategy not in STRATEGIES:
-            raise BadInputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise BadConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if not self.pool.is_file():
-            raise BadInputError(f"pool file not found: {self.pool}")
+            raise BadConfigError(f"pool file not found: {self.pool}")
         if self.strategy in INFLUENCE_STRATEGIES and not self.val_sets:
-            raise BadInputError(f"strategy {self.strategy} needs at least one validation set")
+            raise BadConfigError(f"strategy {self.strategy} needs at least one validation set")
         for name, path in self.val_sets.items():
             if not path.is_file():
-                raise BadInputError(f"validation set {name!r}: file not found: {path}")
+                raise BadConfigError(f"validation set {name!r}: file not found: {path}")
         if self.stages < 1 or self.steps_per_stage < 1 or self.popi_n < 2 or self.val_prompts < 1:
-            raise BadInputError("stages, steps per stage and validation prompts must be >= 1, popi samples >= 2")
+            raise BadConfigError("stages, steps per stage and validation prompts must be >= 1, popi samples >= 2")
         if self.refresh_every < 0:
-            raise BadInputError(f"refresh_every must be >= 0, got {self.refresh_every}")
+            raise BadConfigError(f"refresh_every must be >= 0, got {self.refresh_every}")
         count_for(self.fraction, 1)
 
     @property
@@ -98,9 +98,7 @@ def _state(out: Path) -> dict:
 
 
 def _save_state(out: Path, state: dict) -> None:
-    tmp = out / f".{STATE_NAME}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, out / STATE_NAME)
+    write_text_atomic(out / STATE_NAME, json.dumps(state, indent=1, default=str))
 
 
 def describe_influence(stage: int, per_set: Mapping[SplitRef, Mapping[str, float]], chosen: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from sketchstore.data import write_rows
-from sketchstore.errors import BadInputError
+from .errors import BadConfigError
 
 from .compare import BASELINE, METRICS, run_comparison
 from .curriculum import CurriculumConfig
@@ -68,12 +68,12 @@ class DemoConfig:
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
-            raise BadInputError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+            raise BadConfigError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
         if self.metric not in METRICS:
-            raise BadInputError(f"unknown accuracy metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+            raise BadConfigError(f"unknown accuracy metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         for name in ("pool_size", "val_size", "eval_size"):
             if getattr(self, name) < 1:
-                raise BadInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BadConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def write_demo_tasks(config: DemoConfig) -> dict[str, Path]:

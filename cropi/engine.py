@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sketchstore.errors import BadInputError
+from .errors import BadConfigError
 
 __all__ = [
     "LOGPROBS_MODE",
@@ -111,9 +111,9 @@ def make_engine(
     """
     model_dir = Path(model_dir)
     if device not in DEVICES:
-        raise BadInputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise BadConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if not (model_dir / "config.json").is_file():
-        raise BadInputError(f"{model_dir}: not a model directory (no config.json)")
+        raise BadConfigError(f"{model_dir}: not a model directory (no config.json)")
     # Read by vLLM when the engine is built (its env module is lazy), so setting them here works
     # even if vllm is already imported.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -155,7 +155,7 @@ def make_engine(
     from vllm.platforms import current_platform
 
     if (device == "cpu") != bool(current_platform.is_cpu()):
-        raise BadInputError(f"--device {device}: the installed vLLM build runs on "
+        raise BadConfigError(f"--device {device}: the installed vLLM build runs on "
                             f"{current_platform.device_type or 'an unknown device'}")
     return LLM(**args)
 

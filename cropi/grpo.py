@@ -48,6 +48,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import BadConfigError
 from .rollout import ADVANTAGE_EPS, GROUP_STD_DDOF, group_advantages
 
 __all__ = [
@@ -86,7 +87,7 @@ def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temp
     targets: [...] token ids. Returns [...].
     """
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise BadConfigError(f"temperature must be > 0, got {temperature}")
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
@@ -132,7 +133,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = DEFAULT_L
         lengths = mask.sum(dim=-1).clamp(min=1.0)
         denom = per_token.shape[0] if n_seqs is None else float(n_seqs)
         return ((per_token * mask).sum(dim=-1) / lengths).sum() / max(denom, 1.0)
-    raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(LOSS_AGGS)}")
+    raise BadConfigError(f"unknown loss aggregation {mode!r}; known: {', '.join(LOSS_AGGS)}")
 
 
 @dataclass
@@ -167,7 +168,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     kl_val = 0.0
     if kl_coef:
         if ref_logp is None:
-            raise ValueError("kl_coef > 0 needs ref_logp")
+            raise BadConfigError("kl_coef > 0 needs ref_logp")
         ref_logp = torch.where(mask.bool(), ref_logp.to(logp.dtype), logp.detach())
         kl_tok = kl_k3(logp, ref_logp)
         total = pg + kl_coef * aggregate(kl_tok, maskf, loss_agg, n_tokens, n_seqs)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sketchstore.errors import BadInputError
+from sketchstore.atomic import atomic_dir
+
+from .errors import BadConfigError
 
 __all__ = ["DTYPES", "INSTALL_HINT", "MARKER", "SMOLLM2_DIST", "import_gguf", "find_smollm2_gguf"]
 
@@ -46,12 +45,12 @@ def find_smollm2_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise BadInputError(f"SmolLM2 GGUF not found: package {SMOLLM2_DIST} is not installed "
+        raise BadConfigError(f"SmolLM2 GGUF not found: package {SMOLLM2_DIST} is not installed "
                             f"(run: {INSTALL_HINT})") from None
     found = [Path(str(dist.locate_file(f))) for f in dist.files or () if f.suffix == ".gguf"]
     found = [p for p in found if p.is_file()]
     if not found:
-        raise BadInputError(f"SmolLM2 GGUF not found: package {SMOLLM2_DIST} has no .gguf file "
+        raise BadConfigError(f"SmolLM2 GGUF not found: package {SMOLLM2_DIST} has no .gguf file "
                             f"(reinstall it: {INSTALL_HINT})")
     return sorted(found)[0]
 
@@ -73,11 +72,11 @@ def _reuse(out_dir: Path, wanted: dict[str, Any]) -> bool:
     held = _existing_import(out_dir)
     if held is not None:
         if {k: held.get(k) for k in wanted} != wanted:
-            raise BadInputError(f"{out_dir}: holds an import of {held.get('source')} as {held.get('dtype')}, "
+            raise BadConfigError(f"{out_dir}: holds an import of {held.get('source')} as {held.get('dtype')}, "
                                 f"not of {wanted['source']} as {wanted['dtype']}; choose another --out")
         return True
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise BadInputError(f"{out_dir}: exists and is not a GGUF import; choose another --out")
+        raise BadConfigError(f"{out_dir}: exists and is not a GGUF import; choose another --out")
     return False
 
 
@@ -85,7 +84,7 @@ def _load_gguf(gguf_file: Path, dtype: str):
     """(model, tokenizer) from a GGUF file: weights dequantized to ``dtype``, no quantizer attached."""
     missing = [m for m in GGUF_DEPS if importlib.util.find_spec(m) is None]
     if missing:
-        raise BadInputError(f"reading GGUF files needs {' and '.join(missing)} (run: pip install {' '.join(missing)})")
+        raise BadConfigError(f"reading GGUF files needs {' and '.join(missing)} (run: pip install {' '.join(missing)})")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,7 +113,7 @@ def _check_tokenizer(tokenizer, saved_dir: Path, gguf_file: Path) -> None:
     text = chat_prompt(tokenizer, TOKENIZER_PROBE) + TOKENIZER_PROBE + str(tokenizer.eos_token or "")
     if chat_prompt(reloaded, TOKENIZER_PROBE) != chat_prompt(tokenizer, TOKENIZER_PROBE) or \
             reloaded(text, add_special_tokens=False)["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]:
-        raise BadInputError(f"{gguf_file}: its tokenizer encodes differently once saved and reloaded; not importing")
+        raise BadConfigError(f"{gguf_file}: its tokenizer encodes differently once saved and reloaded; not importing")
 
 
 def import_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> Path:
@@ -126,30 +125,20 @@ def import_gguf(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> Path:
     """
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if dtype not in DTYPES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise BadConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not gguf_file.is_file():
-        raise BadInputError(f"{gguf_file}: no such GGUF file")
+        raise BadConfigError(f"{gguf_file}: no such GGUF file")
     wanted = _signature(gguf_file, dtype)
     if _reuse(out_dir, wanted):
         return out_dir
     from .tiny_model import save_tokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    # replaces an empty directory, or the same import finished first by another process (_reuse checked)
+    with atomic_dir(out_dir, on_exists="replace") as tmp:
         tmp.chmod(DIR_MODE)
         model, tokenizer = _load_gguf(gguf_file, dtype)
         model.save_pretrained(str(tmp))
         save_tokenizer(tokenizer, tmp)
         _check_tokenizer(tokenizer, tmp, gguf_file)
         (tmp / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
-        try:
-            os.replace(tmp, out_dir)  # onto a missing or empty directory only
-        except OSError:
-            if not _reuse(out_dir, wanted):  # another process finished the same import first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

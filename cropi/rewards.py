@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+from .errors import BadConfigError
+
 __all__ = [
     "DEFAULT_STATS",
     "RewardResult",
@@ -241,7 +243,7 @@ _REGISTRY: dict[str, RewardFn] = {"math_verify": math_verify_reward, "exact": ex
 def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
     """Add a reward ``fn(response, answer, stats=None) -> float`` under ``name``."""
     if name in _REGISTRY and not overwrite:
-        raise ValueError(f"reward {name!r} is already registered")
+        raise BadConfigError(f"reward {name!r} is already registered")
     _REGISTRY[name] = fn
 
 
@@ -249,7 +251,7 @@ def get_reward(name: str = "math_verify") -> RewardFn:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown reward {name!r}; known: {sorted(_REGISTRY)}") from None
+        raise BadConfigError(f"unknown reward {name!r}; known: {sorted(_REGISTRY)}") from None
 
 
 def list_rewards() -> list[str]:

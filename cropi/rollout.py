@@ -53,7 +53,6 @@ bits, so rare token flips between a resumed and an uninterrupted run are possibl
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import math
 import os
 import re
@@ -66,9 +65,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sketchstore.errors import BadInputError
+from sketchstore.atomic import atomic_file
+from sketchstore.seeds import stable_seed
 
 from .engine import DEVICES, sampled_logprobs
+from .errors import BadConfigError
 from .rewards import RewardStats, get_reward, list_rewards
 from .tasks import read_tasks
 
@@ -124,7 +125,7 @@ TRAJECTORY_SCHEMA = pa.schema([
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 LOCK_NAME = ".rollout.lock"
-_TMP_RE = re.compile(r"^\.part-\d+-(\d+)-\d+\.parquet\.tmp$")
+_TMP_RE = re.compile(r"^\.part-.*\.tmp$")  # a part being written (sketchstore.atomic.temp_name)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,15 +135,15 @@ _TMP_RE = re.compile(r"^\.part-\d+-(\d+)-\d+\.parquet\.tmp$")
 
 def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadInputError(f"{name} must be an integer, got {value!r}")
+        raise BadConfigError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise BadInputError(f"{name} must be >= {minimum}, got {value}")
+        raise BadConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 @dataclass
 class RolloutConfig:
-    """What to sample. Invalid values raise :class:`BadInputError` (one line, names the field).
+    """What to sample. Invalid values raise :class:`BadConfigError` (one line, names the field).
 
     model: HF checkpoint directory (the behaviour policy). data: task file (id, prompt,
     answer; any layout :func:`cropi.tasks.read_tasks` reads). out: trajectory store
@@ -180,22 +181,22 @@ class RolloutConfig:
         try:
             self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         except (TypeError, ValueError):
-            raise BadInputError(f"temperature and top_p must be numbers, got {self.temperature!r}, {self.top_p!r}") from None
+            raise BadConfigError(f"temperature and top_p must be numbers, got {self.temperature!r}, {self.top_p!r}") from None
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise BadInputError(f"temperature must be > 0 (sampling only), got {self.temperature}")
+            raise BadConfigError(f"temperature must be > 0 (sampling only), got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise BadInputError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise BadConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.reward not in list_rewards():
-            raise BadInputError(f"unknown reward {self.reward!r}; known: {', '.join(list_rewards())}")
+            raise BadConfigError(f"unknown reward {self.reward!r}; known: {', '.join(list_rewards())}")
         if self.device not in DEVICES:
-            raise BadInputError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise BadConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.behaviour is None:
             self.behaviour = self.model.resolve().name
         self.behaviour = str(self.behaviour)
         if not self.behaviour.strip():
-            raise BadInputError("behaviour name is empty")
+            raise BadConfigError("behaviour name is empty")
         if self.out.exists() and not self.out.is_dir():
-            raise BadInputError(f"{self.out}: exists and is not a trajectory directory")
+            raise BadConfigError(f"{self.out}: exists and is not a trajectory directory")
 
 
 @dataclass
@@ -239,15 +240,14 @@ class RolloutReport:
 
 def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
     """The vLLM per-request seed of sample ``sample`` of ``prompt_id`` (63-bit)."""
-    digest = hashlib.blake2b(f"cropi-rollout:{seed}:{prompt_id}:{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return stable_seed("cropi-rollout", seed, prompt_id, sample)
 
 
 def group_advantages(rewards: Sequence[float]) -> tuple[list[float], float, float, bool]:
     """(advantages, mean, std, zero_std) of one prompt group; see :data:`GROUP_STD_DDOF`."""
     k = len(rewards)
     if k == 0:
-        raise ValueError("empty group")
+        raise BadConfigError("empty group")
     mean = math.fsum(rewards) / k
     if max(rewards) == min(rewards) or k - GROUP_STD_DDOF <= 0:
         return [0.0] * k, mean, 0.0, True
@@ -345,10 +345,10 @@ def part_files(path: str | os.PathLike) -> list[Path]:
 def read_trajectories(path: str | os.PathLike, behaviour: str | None = None,
                       columns: Sequence[str] | None = None) -> pa.Table:
     """All trajectories of a store (optionally one behaviour), sorted by
-    (behaviour, prompt_id, sample). Raises BadInputError when ``path`` is not a store."""
+    (behaviour, prompt_id, sample). Raises BadConfigError when ``path`` is not a store."""
     p = Path(path)
     if not p.exists():
-        raise BadInputError(f"{p}: trajectory store does not exist")
+        raise BadConfigError(f"{p}: trajectory store does not exist")
     files = part_files(p)
     schema = TRAJECTORY_SCHEMA if columns is None else pa.schema([TRAJECTORY_SCHEMA.field(c) for c in columns])
     if not files:
@@ -360,7 +360,7 @@ def read_trajectories(path: str | os.PathLike, behaviour: str | None = None,
         flt = ds.field("behaviour") == behaviour if behaviour is not None else None
         table = dataset.to_table(columns=list(schema.names), filter=flt)
     except (OSError, pa.ArrowException) as err:
-        raise BadInputError(f"{p}: unreadable trajectory part ({str(err).splitlines()[0]})") from None
+        raise BadConfigError(f"{p}: unreadable trajectory part ({str(err).splitlines()[0]})") from None
     keys = [k for k in ("behaviour", "prompt_id", "sample") if k in schema.names]
     return table.sort_by([(k, "ascending") for k in keys]) if keys else table
 
@@ -377,17 +377,6 @@ def groups_by_prompt(rows: pa.Table | Iterable[dict[str, Any]]) -> dict[tuple[st
     return groups
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _PartWriter:
     def __init__(self, out: Path):
         self.out = out
@@ -396,17 +385,9 @@ class _PartWriter:
     def write(self, rows: list[dict[str, Any]]) -> Path:
         name = f"{PART_PREFIX}{time.time_ns():020d}-{os.getpid()}-{self.seq:05d}{PART_SUFFIX}"
         self.seq += 1
-        tmp = self.out / f".{name}.tmp"
         table = pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA)
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.out / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.out)
+        with atomic_file(self.out / name) as handle:
+            pq.write_table(table, handle)
         return self.out / name
 
 
@@ -418,7 +399,7 @@ def _locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInputError(f"{out}: another rollout is writing to this store") from None
+            raise BadConfigError(f"{out}: another rollout is writing to this store") from None
         # Under the lock no other writer exists: temp files left by crashed runs are garbage.
         for q in out.iterdir():
             if _TMP_RE.match(q.name):
@@ -441,7 +422,7 @@ def _existing_groups(config: RolloutConfig) -> dict[str, int]:
     for name, want in (("temperature", config.temperature), ("top_p", config.top_p), ("seed", config.seed)):
         have = set(cols[name])
         if have != {want}:
-            raise BadInputError(
+            raise BadConfigError(
                 f"{config.out}: behaviour {config.behaviour!r} was sampled with {name}="
                 f"{','.join(map(str, sorted(have)))}, this run asks {want} (use another --behaviour or --out)")
     counts: dict[str, set[int]] = {}
@@ -449,7 +430,7 @@ def _existing_groups(config: RolloutConfig) -> dict[str, int]:
         counts.setdefault(pid, set()).add(s)
     for pid, samples in counts.items():
         if samples != set(range(config.n)):
-            raise BadInputError(
+            raise BadConfigError(
                 f"{config.out}: prompt {pid!r} has {len(samples)} samples for behaviour {config.behaviour!r}, "
                 f"this run asks n={config.n} (use another --behaviour or --out)")
     return {pid: len(s) for pid, s in counts.items()}
@@ -467,7 +448,7 @@ def run_rollouts(config: RolloutConfig, progress: bool = True, llm=None, tokeniz
     t_start = time.perf_counter()
     tasks = read_tasks(config.data)
     if not (config.model / "config.json").is_file():
-        raise BadInputError(f"{config.model}: not a model directory (no config.json)")
+        raise BadConfigError(f"{config.model}: not a model directory (no config.json)")
     report = RolloutReport(out=config.out, behaviour=str(config.behaviour), prompts_total=len(tasks))
     stats = RewardStats()
     rewards: list[float] = []
@@ -485,7 +466,7 @@ def run_rollouts(config: RolloutConfig, progress: bool = True, llm=None, tokeniz
             if limit is not None:
                 for t, ids in zip(todo, prompt_ids):
                     if len(ids) >= limit:
-                        raise BadInputError(f"{config.data}: prompt {t['id']!r} has {len(ids)} tokens, "
+                        raise BadConfigError(f"{config.data}: prompt {t['id']!r} has {len(ids)} tokens, "
                                             f"the model's limit is {limit}")
             if llm is None:
                 from .engine import make_engine

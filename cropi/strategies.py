@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from typing import Mapping, Sequence
 
-from sketchstore.errors import BadInputError
+from .errors import BadConfigError
 from sketchstore.selection import ranked
 
 STRATEGIES = ("cropi", "full", "random", "learnability", "pass-rate", "influence-once")
@@ -27,7 +27,7 @@ INFLUENCE_STRATEGIES = ("cropi", "influence-once")
 def count_for(fraction: float, total: int) -> int:
     """How many prompts a fraction of ``total`` selects (at least one)."""
     if not 0 < fraction <= 1:
-        raise BadInputError(f"selection fraction must be in (0, 1], got {fraction}")
+        raise BadConfigError(f"selection fraction must be in (0, 1], got {fraction}")
     return max(1, round(fraction * total))
 
 
@@ -55,9 +55,9 @@ def static_selection(strategy: str, ids: Sequence[str], pass_rates: Mapping[str,
         return random_subset(ids, fraction, seed)
     missing = [i for i in ids if i not in pass_rates]
     if missing:
-        raise BadInputError(f"no behaviour pass rate for prompt {missing[0]!r} (needed by {strategy})")
+        raise BadConfigError(f"no behaviour pass rate for prompt {missing[0]!r} (needed by {strategy})")
     if strategy == "learnability":
         return learnability(ids, pass_rates, fraction)
     if strategy == "pass-rate":
         return pass_rate_filter(ids, pass_rates, fraction, seed)
-    raise BadInputError(f"{strategy!r} is not a static strategy; choose one of {', '.join(STRATEGIES)}")
+    raise BadConfigError(f"{strategy!r} is not a static strategy; choose one of {', '.join(STRATEGIES)}")

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sketchstore.data import read_json_lines, read_parquet_rows, write_rows
-from sketchstore.errors import BadInputError
+from sketchstore.seeds import stable_seed
+
+from .errors import BadConfigError
 
 __all__ = [
     "ANSWER_TEMPLATE",
@@ -57,8 +59,7 @@ def format_final_answer(answer: object) -> str:
 
 
 def _item_rng(seed: int, i: int, salt: str = "") -> random.Random:
-    digest = hashlib.blake2b(f"cropi-task:{salt}:{seed}:{i}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(stable_seed("cropi-task", salt, seed, i, bits=64))
 
 
 # --------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def arith_level(difficulty: int) -> dict[str, Any]:
     of an operand that is a direct factor of ``*``; ops: operators allowed.
     """
     if difficulty < 1:
-        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+        raise BadConfigError(f"difficulty must be >= 1, got {difficulty}")
     table = {
         1: (2, 1, 1, "+-"),
         2: (2, 2, 1, "+-*"),
@@ -235,7 +236,7 @@ _CONTAINERS = ["bags", "boxes", "packs", "jars", "baskets"]
 def word_level(difficulty: int) -> dict[str, Any]:
     """Size parameters of word problems: steps (operations after the start) and max number."""
     if difficulty < 1:
-        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+        raise BadConfigError(f"difficulty must be >= 1, got {difficulty}")
     table = {1: (1, 9, False), 2: (2, 20, False), 3: (2, 50, True), 4: (3, 99, True)}
     steps, max_num, rich = table.get(difficulty, (min(difficulty - 1, 6), 999, True))
     return {"steps": steps, "max_num": max_num, "rich_ops": rich}
@@ -303,16 +304,16 @@ _GENERATORS = {"arith": generate_arith, "word": generate_word}
 
 def _difficulties(difficulty: int | range | Sequence[int]) -> list[int]:
     if isinstance(difficulty, bool):
-        raise ValueError("difficulty must be an int, range or list of ints")
+        raise BadConfigError("difficulty must be an int, range or list of ints")
     if isinstance(difficulty, int):
         levels = [difficulty]
     else:
         levels = [int(d) for d in difficulty]
     if not levels:
-        raise ValueError("difficulty range/list is empty")
+        raise BadConfigError("difficulty range/list is empty")
     for d in levels:
         if d < 1:
-            raise ValueError(f"difficulty must be >= 1, got {d}")
+            raise BadConfigError(f"difficulty must be >= 1, got {d}")
     return levels
 
 
@@ -329,13 +330,13 @@ def generate_tasks(
     Row ``i`` gets id ``f"{family}-{seed}-{i}"``. Arithmetic prompts are ``"What is <expr>?"``.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise BadConfigError(f"n must be >= 0, got {n}")
     fams = [families] if isinstance(families, str) else list(families)
     if not fams:
-        raise ValueError("families is empty")
+        raise BadConfigError("families is empty")
     for f in fams:
         if f not in _GENERATORS:
-            raise ValueError(f"unknown task family {f!r}; known: {sorted(_GENERATORS)}")
+            raise BadConfigError(f"unknown task family {f!r}; known: {sorted(_GENERATORS)}")
     levels = _difficulties(difficulty)
     rows = []
     for i in range(n):
@@ -427,11 +428,11 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
     (native), ``question`` + ``answer`` (GSM8K, ``#### 42``), ``problem`` + ``solution``
     (MATH: answer = last ``\\boxed{}``; an ``answer`` column, as in MATH-500, wins) or
     ``problem`` + ``answer``. Ids: ``id``, else ``unique_id``, else :func:`stable_id` of the
-    prompt (``-1``, ``-2``... appended for repeated prompts). Raises BadInputError naming
+    prompt (``-1``, ``-2``... appended for repeated prompts). Raises BadConfigError naming
     ``source`` on problems (duplicate ids, missing columns, no final answer).
     """
     if not raw:
-        raise BadInputError(f"{source}: no rows")
+        raise BadConfigError(f"{source}: no rows")
     cols = set(raw[0].keys())
     if {"prompt", "answer"} <= cols:
         layout = "native"
@@ -440,7 +441,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
     elif "problem" in cols and ("solution" in cols or "answer" in cols):
         layout = "math"
     else:
-        raise BadInputError(
+        raise BadConfigError(
             f"{source}: missing required columns: need prompt+answer, question+answer (GSM8K) "
             f"or problem+solution/answer (MATH); found {sorted(cols)}"
         )
@@ -451,7 +452,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
     for k, r in enumerate(raw):
         for c in need:
             if c not in r or r[c] is None:
-                raise BadInputError(f"{source}: row {k} is missing required column {c!r} ({layout} layout)")
+                raise BadConfigError(f"{source}: row {k} is missing required column {c!r} ({layout} layout)")
         extra = {c: v for c, v in r.items() if c not in TASK_COLUMNS and c not in need}
         if layout == "native":
             prompt = str(r["prompt"])
@@ -463,7 +464,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             prompt = str(r["question"])
             parsed = _gsm8k_answer(str(r["answer"]))
             if parsed is None:
-                raise BadInputError(f"{source}: row {k}: GSM8K answer has no final '#### <number>'")
+                raise BadConfigError(f"{source}: row {k}: GSM8K answer has no final '#### <number>'")
             answer, response = parsed
             family = str(r.get("family") or "gsm8k")
             difficulty = _as_int(r.get("difficulty"))
@@ -475,7 +476,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             else:
                 boxed = extract_boxed(solution)
                 if boxed is None:
-                    raise BadInputError(f"{source}: row {k}: MATH solution has no \\boxed{{...}} answer "
+                    raise BadConfigError(f"{source}: row {k}: MATH solution has no \\boxed{{...}} answer "
                                         "(and no answer column)")
                 answer = boxed
             response = solution
@@ -484,7 +485,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             difficulty = _as_int(r.get("difficulty", r.get("level")))
             extra = {c: v for c, v in extra.items() if c not in ("answer", "solution")}
         if not answer:
-            raise BadInputError(f"{source}: row {k}: empty answer")
+            raise BadConfigError(f"{source}: row {k}: empty answer")
         given_id = r.get("id") if r.get("id") not in (None, "") else r.get("unique_id")
         if given_id not in (None, ""):
             rid = str(given_id)
@@ -494,7 +495,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             derived_count[base] = nth + 1
             rid = base if nth == 0 else f"{base}-{nth}"
         if rid in seen:
-            raise BadInputError(f"{source}: duplicate id {rid!r} (rows {seen[rid]} and {k})")
+            raise BadConfigError(f"{source}: duplicate id {rid!r} (rows {seen[rid]} and {k})")
         seen[rid] = k
         extra.pop("id", None)
         out.append({"id": rid, "prompt": prompt, "answer": answer, "response": response,
@@ -506,7 +507,7 @@ def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read tasks from ``.jsonl`` / ``.json`` / ``.parquet`` (any of the supported layouts)."""
     p = Path(path)
     if not p.is_file():
-        raise BadInputError(f"{p}: task file does not exist")
+        raise BadConfigError(f"{p}: task file does not exist")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         raw = read_json_lines(p)
@@ -514,16 +515,16 @@ def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             obj = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise BadInputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise BadConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
-            raise BadInputError(f"{p}: expected a JSON list of objects")
+            raise BadConfigError(f"{p}: expected a JSON list of objects")
         raw = obj
     elif suffix in (".parquet", ".pq"):
         raw = read_parquet_rows(p)
     else:
-        raise BadInputError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl, .json or .parquet)")
+        raise BadConfigError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl, .json or .parquet)")
     return normalize_rows(raw, str(p))
 
 
@@ -532,9 +533,9 @@ def write_tasks(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path
     p = Path(path)
     rows = list(rows)
     if p.suffix.lower() not in (".jsonl", ".ndjson", ".parquet", ".pq"):
-        raise BadInputError(f"{p}: unsupported task file extension {p.suffix.lower()!r} (use .jsonl or .parquet)")
+        raise BadConfigError(f"{p}: unsupported task file extension {p.suffix.lower()!r} (use .jsonl or .parquet)")
     ids = [r.get("id") for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise BadInputError(f"{p}: refusing to write duplicate id {dup!r}")
+        raise BadConfigError(f"{p}: refusing to write duplicate id {dup!r}")
     return write_rows(rows, p)

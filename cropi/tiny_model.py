@@ -27,6 +27,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from sketchstore.atomic import atomic_dir
+
+from .errors import BadConfigError
 from .rewards import RewardStats, get_reward
 from .tasks import FAMILIES, generate_tasks
 
@@ -75,6 +78,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
                   intermediate_size=768),
 }
 MAX_POSITIONS = 1024
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128)
 # Exactly Qwen2's pre-tokenizer (digits one per token). It must match: transformers 5
 # AutoTokenizer (and so vLLM) loads any model_type=qwen2 tokenizer as Qwen2Tokenizer, which
 # rebuilds the pipeline from vocab/merges with this regex + NFC, ignoring tokenizer.json's.
@@ -207,14 +211,15 @@ def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int =
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+        raise BadConfigError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer if tokenizer is not None else build_tokenizer()
     save_tokenizer(tok, out)
     sid = _special_ids(tok)
     dims = MODEL_SIZES[size]
-    assert dims["hidden_size"] // dims["num_attention_heads"] in (32, 64, 80, 96, 112, 128)
+    if dims["hidden_size"] // dims["num_attention_heads"] not in VLLM_HEAD_DIMS:
+        raise BadConfigError(f"model size {size!r}: head_dim must be one of {VLLM_HEAD_DIMS} for vLLM")
     config = Qwen2Config(
         vocab_size=len(tok),
         max_position_embeddings=MAX_POSITIONS,
@@ -491,7 +496,7 @@ def warm_start(
 def warm_cache_key(size: str = "small", seed: int = 0, **warm_kwargs: Any) -> str:
     """Directory name of a cached warm model: size, seed and a hash of every setting."""
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+        raise BadConfigError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
     settings = {k: warm_kwargs.get(k, v) for k, v in WARM_DEFAULTS.items()}
     unknown = set(warm_kwargs) - set(WARM_DEFAULTS) - {"threads", "log_every"}
     if unknown:
@@ -530,19 +535,10 @@ def ensure_warm_model(
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
-    try:
-        init_dir = tmp / "init"
+    # on_exists="keep": another process that finished the same model first wins
+    with atomic_dir(final, on_exists="keep") as model_dir, tempfile.TemporaryDirectory(dir=cache) as init_dir:
         build_tiny_model(init_dir, size=size, seed=seed)
-        model_dir = tmp / "model"
         if log:
             log(f"training warm-start policy ({size}) into {final}")
         warm_start(init_dir, model_dir, seed=seed, log=log, **warm_kwargs)
-        try:
-            os.rename(model_dir, final)
-        except OSError:
-            if not (final / "warm_start.json").is_file():  # lost a race is fine, anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

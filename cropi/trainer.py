@@ -82,13 +82,11 @@ starts (``threads``; default ``OMP_NUM_THREADS`` else 1, steadiest on shared cor
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -96,9 +94,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from sketchstore.errors import BadInputError
+from sketchstore.atomic import atomic_dir, atomic_file, write_text_atomic
+from sketchstore.seeds import stable_seed
 
 from .engine import DEVICES, close_engine, make_engine, sync_weights
+from .errors import BadConfigError
 from .grpo import DEFAULT_LOSS_AGG, LOSS_AGGS, grpo_loss, token_logprobs_from_logits
 from .rewards import RewardStats, get_reward, list_rewards
 from .rollout import RolloutConfig, _int, encode_prompt, sample_groups
@@ -133,8 +133,7 @@ PERIODIC_PREFIX = "step-"
 
 
 def _derive_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(":".join(map(str, ("cropi-grpo",) + parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+    return stable_seed("cropi-grpo", *parts, bits=62)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,17 +145,17 @@ def _float(name: str, value: Any, minimum: float | None = None, strict: bool = F
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise BadInputError(f"{name} must be a number, got {value!r}") from None
+        raise BadConfigError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(out):
-        raise BadInputError(f"{name} must be finite, got {value!r}")
+        raise BadConfigError(f"{name} must be finite, got {value!r}")
     if minimum is not None and (out < minimum or (strict and out == minimum)):
-        raise BadInputError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+        raise BadConfigError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
     return out
 
 
 @dataclass
 class TrainConfig:
-    """GRPO training settings. Invalid values raise :class:`BadInputError` naming the field.
+    """GRPO training settings. Invalid values raise :class:`BadConfigError` naming the field.
 
     model: HF checkpoint directory (initial policy, and the KL reference). out: run directory.
     train: task rows or a task file (any layout :func:`cropi.tasks.read_tasks` reads); may be
@@ -215,13 +214,13 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 1)
         if self.n < 2:
-            raise BadInputError(f"n (samples per prompt) must be >= 2 for group advantages, got {self.n}")
+            raise BadConfigError(f"n (samples per prompt) must be >= 2 for group advantages, got {self.n}")
         self.temperature = _float("temperature", self.temperature, 0.0, strict=True)
         self.lr = _float("lr", self.lr, 0.0, strict=True)
         self.weight_decay = _float("weight_decay", self.weight_decay, 0.0)
         self.clip_low = _float("clip_low", self.clip_low, 0.0)
         if self.clip_low >= 1:
-            raise BadInputError(f"clip_low must be < 1, got {self.clip_low}")
+            raise BadConfigError(f"clip_low must be < 1, got {self.clip_low}")
         if self.clip_high is not None:
             self.clip_high = _float("clip_high", self.clip_high, 0.0)
         self.kl_coef = _float("kl_coef", self.kl_coef, 0.0)
@@ -232,33 +231,33 @@ class TrainConfig:
         try:
             b1, b2 = (float(b) for b in self.betas)
         except (TypeError, ValueError):
-            raise BadInputError(f"betas must be two numbers, got {self.betas!r}") from None
+            raise BadConfigError(f"betas must be two numbers, got {self.betas!r}") from None
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise BadInputError(f"betas must be in [0, 1), got {self.betas!r}")
+            raise BadConfigError(f"betas must be in [0, 1), got {self.betas!r}")
         self.betas = (b1, b2)
         for name, allowed in (("loss_agg", LOSS_AGGS), ("old_logprobs", OLD_LOGPROBS), ("dtype", DTYPES),
                               ("device", DEVICES), ("reward", tuple(list_rewards()))):
             if getattr(self, name) not in allowed:
-                raise BadInputError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise BadConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.out.exists() and not self.out.is_dir():
-            raise BadInputError(f"{self.out}: exists and is not a directory")
+            raise BadConfigError(f"{self.out}: exists and is not a directory")
         if not self.resume and not (self.model / "config.json").is_file():
-            raise BadInputError(f"{self.model}: not a model directory (no config.json)")
+            raise BadConfigError(f"{self.model}: not a model directory (no config.json)")
         if isinstance(self.train, (str, os.PathLike)):
             self.train = Path(self.train)
             if not self.train.exists():
-                raise BadInputError(f"{self.train}: train task file does not exist")
+                raise BadConfigError(f"{self.train}: train task file does not exist")
         if self.eval_sets is None:
             self.eval_sets = {}
         elif isinstance(self.eval_sets, (str, os.PathLike)) or (isinstance(self.eval_sets, (list, tuple))):
             self.eval_sets = {"eval": self.eval_sets}
         elif not isinstance(self.eval_sets, dict):
-            raise BadInputError(f"eval_sets must be a dict name -> rows/file, got {type(self.eval_sets).__name__}")
+            raise BadConfigError(f"eval_sets must be a dict name -> rows/file, got {type(self.eval_sets).__name__}")
         for name, src in self.eval_sets.items():
             if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-                raise BadInputError(f"eval set name must be a plain non-empty string, got {name!r}")
+                raise BadConfigError(f"eval set name must be a plain non-empty string, got {name!r}")
             if isinstance(src, (str, os.PathLike)) and not Path(src).exists():
-                raise BadInputError(f"eval set {name!r}: {src} does not exist")
+                raise BadConfigError(f"eval set {name!r}: {src} does not exist")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict (rows replaced by a count, paths by strings)."""
@@ -285,7 +284,7 @@ def _load_rows(src: Any, what: str) -> list[dict[str, Any]]:
     for i, r in enumerate(rows):
         for key in ("id", "prompt", "answer"):
             if key not in r:
-                raise BadInputError(f"{what}: row {i} lacks {key!r}")
+                raise BadConfigError(f"{what}: row {i} lacks {key!r}")
         r["id"] = str(r["id"])
     return rows
 
@@ -306,7 +305,7 @@ class PoolSampler:
 
     def __init__(self, rows: Sequence[dict[str, Any]], seed: int = 0):
         if not rows:
-            raise BadInputError("the prompt pool is empty")
+            raise BadConfigError("the prompt pool is empty")
         self.rows = list(rows)
         self.seed = int(seed)
         self.epoch = 0
@@ -393,10 +392,9 @@ def plot_log(out: str | os.PathLike, records: list[dict[str, Any]] | None = None
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        tmp = out / f".{fname}.tmp.png"
-        fig.savefig(tmp, dpi=90)
+        with atomic_file(out / fname) as handle:
+            fig.savefig(handle, format="png", dpi=90)
         plt.close(fig)
-        os.replace(tmp, out / fname)
         written.append(out / fname)
     return written
 
@@ -410,12 +408,6 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
         return None
     path = ck / name
     return path if (path / STATE_JSON).is_file() else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -488,9 +480,9 @@ class GRPOTrainer:
 
         ckpt = latest_checkpoint(c.out) if c.resume else None
         if c.resume and ckpt is None:
-            raise BadInputError(f"{c.out}: no checkpoint to resume from")
+            raise BadConfigError(f"{c.out}: no checkpoint to resume from")
         if not c.resume and (c.out / LOG_NAME).is_file() and (c.out / LOG_NAME).stat().st_size > 0:
-            raise BadInputError(f"{c.out}: already holds a run (log.jsonl); resume it or use another out dir")
+            raise BadConfigError(f"{c.out}: already holds a run (log.jsonl); resume it or use another out dir")
         c.out.mkdir(parents=True, exist_ok=True)
         weights_dir = ckpt if ckpt is not None else c.model
 
@@ -526,11 +518,11 @@ class GRPOTrainer:
                 if c.eval_n is not None:
                     rows = rows[: c.eval_n]
                 if not rows:
-                    raise BadInputError(f"eval set {name!r} is empty")
+                    raise BadConfigError(f"eval set {name!r} is empty")
                 self.eval_sets[name] = rows
                 eval_dir.mkdir(exist_ok=True)
                 write_tasks(rows, eval_dir / f"{name}.jsonl")
-            _write_text_atomic(c.out / CONFIG_NAME, json.dumps(c.to_json(), indent=1) + "\n")
+            write_text_atomic(c.out / CONFIG_NAME, json.dumps(c.to_json(), indent=1) + "\n")
             if c.train is not None:
                 self.set_pool(_load_rows(c.train, "train"))
 
@@ -565,7 +557,7 @@ class GRPOTrainer:
         try:
             saved = json.loads((out / CONFIG_NAME).read_text())
         except (OSError, ValueError):
-            raise BadInputError(f"{out}: no readable {CONFIG_NAME} (not a trainer run directory)") from None
+            raise BadConfigError(f"{out}: no readable {CONFIG_NAME} (not a trainer run directory)") from None
         names = {f.name for f in fields(TrainConfig)}
         kwargs = {k: v for k, v in saved.items() if k in names}
         kwargs["train"] = None  # the pool comes from the checkpoint
@@ -589,7 +581,7 @@ class GRPOTrainer:
         """Any object with ``next(n) -> rows``; checkpoints persist it only if it has ``rows``,
         ``state_dict`` and ``load_state_dict`` (restored as a :class:`PoolSampler`)."""
         if not callable(getattr(sampler, "next", None)):
-            raise BadInputError("a prompt sampler needs a next(n) method")
+            raise BadConfigError("a prompt sampler needs a next(n) method")
         self.sampler = sampler
 
     # ---------------------------------------------------------------- one step
@@ -765,7 +757,7 @@ class GRPOTrainer:
         """Sample, score, update, sync; append the step record to the log and return it."""
         c = self.config
         if self.sampler is None:
-            raise BadInputError("no prompt pool: pass TrainConfig(train=...) or call set_pool(rows)")
+            raise BadConfigError("no prompt pool: pass TrainConfig(train=...) or call set_pool(rows)")
         t0 = time.perf_counter()
         rows = self.sampler.next(c.prompts_per_step)
         traj, gen_s = self.sample(rows, self.step)
@@ -897,17 +889,12 @@ class GRPOTrainer:
         """Write ``out/checkpoints/<name>`` (HF model + tokenizer + trainer state) via a temp
         dir renamed on success; an existing checkpoint of that name is replaced. Returns its path."""
         if not name or "/" in name or name.startswith(".") or name == LATEST_NAME:
-            raise BadInputError(f"bad checkpoint name {name!r}")
+            raise BadConfigError(f"bad checkpoint name {name!r}")
         from .tiny_model import save_tokenizer
 
         ck_root = self.out / CKPT_DIR
-        ck_root.mkdir(parents=True, exist_ok=True)
         final = ck_root / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=ck_root))
-        umask = os.umask(0)
-        os.umask(umask)
-        try:
-            os.chmod(tmp, 0o777 & ~umask)
+        with atomic_dir(final, on_exists="replace") as tmp:
             with _quiet_hf():
                 self.policy.save_pretrained(str(tmp), safe_serialization=True)
             save_tokenizer(self.tokenizer, tmp)
@@ -933,17 +920,7 @@ class GRPOTrainer:
                 "eval_sets": list(self.eval_sets), "saved_at": time.time(), "config": self.config.to_json(),
             }
             (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
-            old = None
-            if final.exists():
-                old = ck_root / f".{name}.old-{os.getpid()}-{time.time_ns()}"
-                os.rename(final, old)
-            os.rename(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_text_atomic(ck_root / LATEST_NAME, name + "\n")
+        write_text_atomic(ck_root / LATEST_NAME, name + "\n")
         self._prune_periodic(ck_root)
         self._log_msg(f"checkpoint {final}")
         return final

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.storage import FsspecStore, MemoryStore
 
+from .atomic import fsync_dir, fsync_tree
 from .errors import BadInputError, SketchStoreError, StoreNotFoundError
 
 PARTS_DIR = "parts"
@@ -218,7 +219,7 @@ class LocalBackend(Backend):
                 os.fsync(handle.fileno())
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             staging.unlink(missing_ok=True)
             raise
@@ -249,9 +250,9 @@ class LocalBackend(Backend):
                 self.discard_part(part)
                 return 0
             pq.write_table(table, staging / MANIFEST_NAME)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             os.rename(staging, self.root / PARTS_DIR / part)
-            _fsync_dir(self.root / PARTS_DIR)
+            fsync_dir(self.root / PARTS_DIR)
         return table.num_rows
 
     def discard_part(self, part: str) -> None:
@@ -490,21 +491,3 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` so a renamed part survives a power loss."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))

@@ -22,7 +22,8 @@ from .gradients import Objective, SFTObjective, load_model, model_fingerprint, p
 from .factored import NORM_MODES, FactoredSketcher
 from .popi import POPIObjective, read_prompt_groups
 from .projection import make_projector
-from .spec import ProjectionSpec, param_spec_hash, stable_seed
+from .seeds import stable_seed
+from .spec import ProjectionSpec, param_spec_hash
 from .store import SketchBatch, SketchStore
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-+=@]+$")

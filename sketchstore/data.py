@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_file
 from .errors import BadInputError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -83,21 +84,16 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     path = Path(path)
     fmt = _format_of(path)
     rows = list(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         if fmt == "jsonl":
-            with open(tmp, "w", encoding="utf-8") as handle:
+            with atomic_file(path, "w", encoding="utf-8") as handle:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         else:
             columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys, first-seen order
-            pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
+            table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+            with atomic_file(path) as handle:
+                pq.write_table(table, handle)
+    except OSError as err:  # nothing half-written stays behind (atomic_file removes its temporary file)
         raise BadInputError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:  # e.g. rows Arrow cannot type: nothing half-written stays behind
-        tmp.unlink(missing_ok=True)
-        raise
     return path

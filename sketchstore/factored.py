@@ -106,7 +106,8 @@ from torch import nn
 from .errors import BadInputError
 from .gradients import SequenceBatch
 from .projection import SparseProjector
-from .spec import ProjectionSpec, stable_seed
+from .seeds import stable_seed
+from .spec import ProjectionSpec
 
 __all__ = ["FactoredSketcher", "FactoredRows", "NORM_MODES", "factor_side", "factor_dims", "plan_passes"]
 

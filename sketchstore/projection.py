@@ -91,7 +91,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .errors import BadInputError
-from .spec import ProjectionSpec, stable_seed
+from .seeds import stable_seed
+from .spec import ProjectionSpec
 
 __all__ = [
     "Projector",

@@ -20,12 +20,6 @@ DEFAULT_SEED = 0
 DEFAULT_KEEP_RATIO = 1.0
 
 
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed derived from ``parts`` that is identical in every process and machine."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def param_spec_hash(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
     """Order-independent hash of the (parameter name, shape) list a gradient covers."""
     items = sorted((name, tuple(int(s) for s in shape)) for name, shape in named_shapes)

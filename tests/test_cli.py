@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from sketchstore.data import read_rows, write_rows
 

@@ -7,7 +7,7 @@ import pytest
 from cropi.compare import acceleration, first_step_reaching, results_table
 from cropi.demo import DemoConfig, describe_acceleration, write_demo_tasks
 from sketchstore.data import read_rows
-from sketchstore.errors import BadInputError
+from cropi.errors import BadConfigError
 
 
 def curve(points):
@@ -55,7 +55,7 @@ def test_demo_tasks_follow_levels_and_config_is_checked(tmp_path):
     assert not {r["id"] for r in rows["val"]} & {r["id"] for r in rows["eval"]}
     for bad, message in ((dict(strategies=("cropi", "best")), "unknown strategy 'best'"),
                          (dict(metric="pass@8"), "unknown accuracy metric"), (dict(pool_size=0), "pool_size")):
-        with pytest.raises(BadInputError, match=message):
+        with pytest.raises(BadConfigError, match=message):
             DemoConfig(out=tmp_path, **bad)
 
 

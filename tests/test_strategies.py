@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cropi.strategies import count_for, learnability, pass_rate_filter, random_subset, static_selection
-from sketchstore.errors import BadInputError
+from cropi.errors import BadConfigError
 
 IDS = [f"p{i:02d}" for i in range(40)]
 RATES = {i: (n % 5) / 4 for n, i in enumerate(IDS)}  # 0, .25, .5, .75, 1 repeating
@@ -13,7 +13,7 @@ RATES = {i: (n % 5) / 4 for n, i in enumerate(IDS)}  # 0, .25, .5, .75, 1 repeat
 
 def test_counts_and_random():
     assert count_for(0.1, 40) == 4 and count_for(0.01, 40) == 1
-    with pytest.raises(BadInputError, match="fraction"):
+    with pytest.raises(BadConfigError, match="fraction"):
         count_for(0, 10)
     a, b = random_subset(IDS, 0.25, seed=1), random_subset(list(reversed(IDS)), 0.25, seed=1)
     assert a == b and len(a) == 10 and len(set(a)) == 10
@@ -37,7 +37,7 @@ def test_pass_rate_filter_only_informative():
 def test_static_selection_dispatch_and_errors():
     assert static_selection("full", IDS, {}, 0.1, 0) == IDS
     assert len(static_selection("random", IDS, {}, 0.1, 0)) == 4
-    with pytest.raises(BadInputError, match="no behaviour pass rate for prompt 'p00'"):
+    with pytest.raises(BadConfigError, match="no behaviour pass rate for prompt 'p00'"):
         static_selection("learnability", IDS, {}, 0.1, 0)
-    with pytest.raises(BadInputError, match="not a static strategy"):
+    with pytest.raises(BadConfigError, match="not a static strategy"):
         static_selection("cropi", IDS, RATES, 0.1, 0)

@@ -12,6 +12,7 @@ from cropi import rewards as R
 from cropi.rewards import RewardStats, get_reward, math_verify_reward
 from cropi.tasks import (arith_level, extract_boxed, generate_tasks, read_tasks, stable_id, word_level,
                          write_tasks)
+from cropi.errors import BadConfigError
 from sketchstore.errors import BadInputError
 
 _EXPR = re.compile(r"^What is ([0-9+\-*() ]+)\?$")
@@ -190,7 +191,7 @@ def test_missing_ids_are_stable_and_repeated_prompts_disambiguated(tmp_path):
 def test_duplicate_ids_raise(tmp_path):
     path = _write_jsonl(tmp_path / "dup.jsonl",
                         [{"id": "a", "prompt": "x", "answer": "1"}, {"id": "a", "prompt": "y", "answer": "2"}])
-    with pytest.raises(BadInputError) as e:
+    with pytest.raises(BadConfigError) as e:
         read_tasks(path)
     msg = str(e.value)
     assert "dup.jsonl" in msg and "duplicate id" in msg and "\n" not in msg
@@ -204,24 +205,24 @@ def test_duplicate_ids_raise(tmp_path):
 ])
 def test_bad_input_rows(tmp_path, rows, needle):
     path = _write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(BadInputError) as e:
+    with pytest.raises(BadConfigError) as e:
         read_tasks(path)
     assert needle in str(e.value) and "bad.jsonl" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(BadInputError, match="does not exist"):
+    with pytest.raises(BadConfigError, match="does not exist"):
         read_tasks(tmp_path / "nope.jsonl")
     (tmp_path / "t.csv").write_text("a,b\n")
-    with pytest.raises(BadInputError, match="extension"):
+    with pytest.raises(BadConfigError, match="extension"):
         read_tasks(tmp_path / "t.csv")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "x", "answer": "1"}\n{oops\n')
     with pytest.raises(BadInputError, match=r"broken.jsonl:2: malformed JSON"):
         read_tasks(tmp_path / "broken.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(BadInputError, match="no rows"):
+    with pytest.raises(BadConfigError, match="no rows"):
         read_tasks(tmp_path / "empty.jsonl")
-    with pytest.raises(BadInputError, match="duplicate"):
+    with pytest.raises(BadConfigError, match="duplicate"):
         write_tasks([{"id": "a", "prompt": "x", "answer": "1"}] * 2, tmp_path / "o.jsonl")
 
 

@@ -26,7 +26,7 @@ from cropi.grpo import (ADVANTAGE_EPS, aggregate, batch_advantages, clipped_surr
                         token_logprobs_from_logits)
 from cropi.rollout import encode_prompt
 from cropi.tasks import generate_tasks
-from sketchstore.errors import BadInputError
+from cropi.errors import BadConfigError
 
 P, K, MAX_TOKENS, STEPS_A, STEPS_B = 4, 4, 10, 2, 2
 CROPI = str(Path(sys.executable).with_name("cropi"))
@@ -142,7 +142,7 @@ def test_config_validation(tiny_model, tmp_path):
                 dict(device="tpu"), dict(old_logprobs="x"), dict(clip_low=1.5), dict(temperature=0),
                 dict(reward="nope"), dict(eval_sets={"a/b": []}), dict(steps=-1), dict(model=tmp_path / "nomodel"),
                 dict(train=tmp_path / "missing.jsonl")):
-        with pytest.raises(BadInputError):
+        with pytest.raises(BadConfigError):
             TrainConfig(**{**ok, **bad})
 
 
@@ -278,7 +278,6 @@ def test_update_mini_batches_and_recompute(tiny_model, tmp_path):
 
 def _engine_check(model: str, out: str) -> dict:
     """Run in the subprocess: train, check sync, checkpoint, continue, resume; return facts."""
-    import copy
 
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,10 @@
+"""Errors raised by cropi. Each message is one line that names the bad input; the ``cropi``
+command prints it as ``error: ...`` and exits with code 2, as ``sketch`` does."""
+
+
+class CropiError(Exception):
+    """Base class of every error cropi raises on purpose."""
+
+
+class BadConfigError(CropiError, ValueError):
+    """A setting, file or model given by the user is missing, malformed or out of range."""
