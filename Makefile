@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/cropi demo --out runs/cropi-demo
 
 demo-sketch: $(STAMP)
-	$(BIN)/sketch demo --out runs/sketch-demo
+	$(BIN)/cropi sketch-demo --out runs/sketch-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -83,13 +83,14 @@ def find_model(cache: Path, work: Path) -> tuple[Path, str]:
 
 def child_prepare(args) -> dict:
     """Sample K trajectories per prompt from the model (batched generate with a KV cache)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     from cropi.tasks import generate_tasks
-    from cropi.tiny_model import chat_prompt, load_policy
-    from sketchstore.spec import stable_seed
+    from cropi.tiny_model import load_policy
+    from cropi.trajectory import Trajectory, to_table
+    from sketchstore.prompts import prompt_text
+    from sketchstore.seeds import stable_seed
 
     model, tok = load_policy(args.model)
     model.eval()
@@ -106,7 +107,7 @@ def child_prepare(args) -> dict:
                 enc = [torch.randint(4, model.config.vocab_size, (args.prompt_len,), generator=gen).tolist()
                        for _ in chunk]
             else:  # the generated task prompt in the chat template
-                enc = [tok(chat_prompt(tok, t["prompt"]), add_special_tokens=False)["input_ids"] for t in chunk]
+                enc = [tok(prompt_text(tok, t["prompt"]), add_special_tokens=False)["input_ids"] for t in chunk]
             width = max(len(e) for e in enc)
             ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -136,15 +137,16 @@ def child_prepare(args) -> dict:
                 mean = sum(rewards) / args.k
                 std = (sum((r - mean) ** 2 for r in rewards) / args.k) ** 0.5
                 for s_, (tokens, lps) in enumerate(samples):
-                    rows.append({"prompt_id": task["id"], "behaviour": "beta", "sample": s_, "prompt_token_ids": enc[i],
-                                 "response_token_ids": tokens, "behaviour_logprobs": lps,
-                                 "temperature": args.temperature, "top_p": 1.0, "reward": rewards[s_],
-                                 "advantage": (rewards[s_] - mean) / (std + 1e-4), "pass_rate": mean,
-                                 "zero_std": std == 0})
-        pq.write_table(pa.Table.from_pylist(rows), Path(args.work) / f"{split}.parquet")
-        lengths = [len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows]
+                    rows.append(Trajectory(prompt_id=task["id"], behaviour="beta", sample=s_, prompt=task["prompt"],
+                                           answer=str(task["answer"]), prompt_token_ids=enc[i], response_token_ids=tokens,
+                                           behaviour_logprobs=lps, response="", finish_reason="stop",
+                                           temperature=args.temperature, top_p=1.0, reward=rewards[s_],
+                                           reward_parsed=True, advantage=(rewards[s_] - mean) / (std + 1e-4),
+                                           group_mean=mean, group_std=std, pass_rate=mean, zero_std=std == 0))
+        pq.write_table(to_table(rows), Path(args.work) / f"{split}.parquet")
+        lengths = [len(r.prompt_token_ids) + len(r.response_token_ids) for r in rows]
         out[split] = {"prompts": n, "sequences": len(rows), "mean_seq_tokens": sum(lengths) / len(lengths),
-                      "zero_advantage_prompts": sum(r["zero_std"] for r in rows) // args.k}
+                      "zero_advantage_prompts": sum(r.zero_std for r in rows) // args.k}
     return out
 
 
@@ -153,7 +155,7 @@ def child_exact(args) -> dict:
     import torch
 
     from sketchstore.gradients import load_model, per_example_gradients, select_parameters
-    from sketchstore.popi import POPIObjective, read_prompt_groups
+    from cropi.popi import POPIObjective, read_prompt_groups
 
     model, _ = load_model(args.model)
     params = select_parameters(model)
@@ -197,18 +199,18 @@ def pair_cosines(unit) -> list[float]:
 
 
 def child_build(args) -> dict:
-    import torch
 
+    from cropi.popi import POPIOptions
     from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
                              load_scores, score)
 
     fields, norms = METHODS[args.method]
     store = Path(args.work) / f"store-{args.method}"
     spec = ProjectionSpec(dim=args.dim, seed=0, **fields)
-    common = dict(model=Path(args.model), data=None, store=store, checkpoint="theta", spec=spec, objective="popi",
+    common = dict(model=Path(args.model), data=None, store=store, checkpoint="theta", spec=spec,
                   batch_size=args.batch_size, flush_rows=max(256, args.batch_size), norms=norms)
-    val = build_sketches(BuildConfig(split="val", trajectories=Path(args.work) / "val.parquet", **common),
-                         progress=False)
+    val = build_sketches(BuildConfig(split="val", objective=POPIOptions(trajectories=Path(args.work) / "val.parquet"),
+                                     **common), progress=False)
     trajectories = Path(args.work) / "train.parquet"
     if args.limit:
         import pyarrow.parquet as pq
@@ -219,7 +221,8 @@ def child_build(args) -> dict:
         trajectories = Path(args.work) / f"train-{args.limit}.parquet"
         pq.write_table(table.filter([p in keep for p in table.column("prompt_id").to_pylist()]), trajectories)
     start = time.perf_counter()
-    report = build_sketches(BuildConfig(split="train", trajectories=trajectories, **common), progress=False)
+    report = build_sketches(BuildConfig(split="train", objective=POPIOptions(trajectories=trajectories), **common),
+                            progress=False)
     seconds = time.perf_counter() - start
     opened = SketchStore.open(store, writable=True)
     score(opened, SplitRef("theta", "train"), [SplitRef("theta", "val")], ScoreOptions(), progress=False)

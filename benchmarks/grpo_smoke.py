@@ -70,7 +70,9 @@ def main() -> None:
     from cropi.rewards import register_reward
     from cropi.tasks import generate_tasks
     from cropi.tiny_model import ensure_warm_model
-    from cropi.trainer import GRPOTrainer, TrainConfig, read_log
+    from cropi.run_dir import read_log
+    from cropi.train_config import TrainConfig
+    from cropi.trainer import GRPOTrainer, eval_line
 
     if args.reward == "consistent":
         register_reward("consistent", consistent_reward, overwrite=True)
@@ -104,7 +106,7 @@ def main() -> None:
     t1 = time.perf_counter()
     with GRPOTrainer(config, log=print) as trainer:
         start_s = time.perf_counter() - t1
-        print("   " + trainer._eval_line(trainer.evaluate()), flush=True)
+        print("   " + eval_line(trainer.evaluate()), flush=True)
         for _ in range(args.steps):
             r = trainer.train_step()
             print(f"step {r['step']:3d} reward {r['reward_mean']:.3f} zero_adv {r['zero_adv_frac']:.2f} "
@@ -112,7 +114,7 @@ def main() -> None:
                   f"(gen {r['generate_s']:.2f} update {r['update_s']:.2f} sync {r['sync_s']:.2f})", flush=True)
             if trainer.step % args.eval_every == 0:
                 ev = trainer.evaluate()
-                print("   " + trainer._eval_line(ev), flush=True)
+                print("   " + eval_line(ev), flush=True)
         if trainer._last_eval_step != trainer.step:
             trainer.evaluate()
         params = sum(p.numel() for p in trainer.policy.parameters())

@@ -41,12 +41,13 @@ from cropi.engine import make_engine, sync_weights
 from cropi.rollout import RolloutConfig, run_rollouts
 from cropi.tasks import generate_tasks
 from cropi.tiny_model import ensure_warm_model, load_policy
-from cropi.trainer import GRPOTrainer, TrainConfig
+from cropi.train_config import TrainConfig
+from cropi.trainer import GRPOTrainer
 from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
                          load_scores, score)
 from sketchstore.data import write_rows
 from sketchstore.gradients import per_example_gradients, select_parameters
-from sketchstore.popi import POPIObjective, read_prompt_groups, token_logprobs
+from cropi.popi import POPIObjective, POPIOptions, read_prompt_groups, response_logprobs
 from sketchstore.projection import make_projector
 
 KEEP_RATIOS = (1.0, 0.3, 0.1, 0.01, 0.001)
@@ -102,7 +103,7 @@ def mean_kl(beta_traj: Path, theta_dir: Path) -> float:
         for row in read_prompt_groups(beta_traj):
             group = row["group"]
             responses = [r for r in group.responses if r]
-            logps = token_logprobs(model, group.prompt_token_ids, responses, group.temperature)
+            logps = response_logprobs(model, group.prompt_token_ids, responses, group.temperature)
             for logp, behaviour in zip(logps, [b for r, b in zip(group.responses, group.behaviour_logprobs) if r]):
                 total += float((torch.tensor(behaviour) - logp).sum())
                 count += len(behaviour)
@@ -116,7 +117,7 @@ def popi_scores(model_dir: Path, pool_traj: Path, val_traj: Path, store: Path, c
     spec = ProjectionSpec(dim=dim, seed=0)
     for traj, split in ((pool_traj, "pool"), (val_traj, "val")):
         build_sketches(BuildConfig(model=model_dir, data=None, store=store, checkpoint=checkpoint, split=split,
-                                   spec=spec, objective="popi", trajectories=traj), progress=False)
+                                   spec=spec, objective=POPIOptions(trajectories=traj)), progress=False)
     s = SketchStore.open(store, writable=True)
     train, vals = SplitRef(checkpoint, "pool"), [SplitRef(checkpoint, "val")]
     if not any(n > 0 for n in s.manifest(checkpoint, "val").column("grad_norm").to_pylist()):

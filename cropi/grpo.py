@@ -13,8 +13,8 @@ Conventions
 * Advantages: :func:`cropi.rollout.group_advantages` (re-exported here), i.e. the unbiased
   group std (ddof 1, as verl / TRL) plus :data:`cropi.rollout.ADVANTAGE_EPS`; a group whose
   rewards are all equal (a *zero-std* group) gets advantage 0 for every sample.
-* Log-probs are taken at the sampling temperature: ``log_softmax(logits / T)`` -- the same
-  convention as ``sketchstore.popi`` and as the behaviour log-probs the vLLM engine returns
+* Log-probs are taken at the sampling temperature (``sketchstore.sequences.token_logprobs``:
+  ``log_softmax(logits / T)``) -- the same convention as ``cropi.popi`` and as the behaviour log-probs the vLLM engine returns
   (``processed_logprobs``), so ``ratio == 1`` when theta is the sampling policy.
 * KL: coefficient 0 by default (as DAPO / Dr. GRPO: with verifiable rewards and short runs the
   reference anchor mostly slows learning); when > 0 the k3 estimator of KL(pi_theta || pi_ref)
@@ -58,7 +58,6 @@ __all__ = [
     "DEFAULT_LOSS_AGG",
     "group_advantages",
     "batch_advantages",
-    "token_logprobs_from_logits",
     "kl_k3",
     "clipped_surrogate",
     "aggregate",
@@ -78,18 +77,6 @@ def batch_advantages(groups: Sequence[Sequence[float]]) -> tuple[list[list[float
         advs.append(a)
         zero.append(z)
     return advs, zero
-
-
-def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``log_softmax(logits / T)[target]`` per position, in float32.
-
-    logits: [..., V] (the logits that *predict* each target, i.e. already shifted);
-    targets: [...] token ids. Returns [...].
-    """
-    if not temperature > 0:
-        raise BadConfigError(f"temperature must be > 0, got {temperature}")
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

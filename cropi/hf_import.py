@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sketchstore.atomic import atomic_dir
+from sketchstore.prompts import prompt_text
 
 from .errors import BadConfigError
 
@@ -107,11 +108,9 @@ def _check_tokenizer(tokenizer, saved_dir: Path, gguf_file: Path) -> None:
     """The tokenizer reloaded from ``saved_dir`` (as vLLM will load it) must encode like the original."""
     from transformers import AutoTokenizer
 
-    from .tiny_model import chat_prompt
-
     reloaded = AutoTokenizer.from_pretrained(str(saved_dir))
-    text = chat_prompt(tokenizer, TOKENIZER_PROBE) + TOKENIZER_PROBE + str(tokenizer.eos_token or "")
-    if chat_prompt(reloaded, TOKENIZER_PROBE) != chat_prompt(tokenizer, TOKENIZER_PROBE) or \
+    text = prompt_text(tokenizer, TOKENIZER_PROBE) + TOKENIZER_PROBE + str(tokenizer.eos_token or "")
+    if prompt_text(reloaded, TOKENIZER_PROBE) != prompt_text(tokenizer, TOKENIZER_PROBE) or \
             reloaded(text, add_special_tokens=False)["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]:
         raise BadConfigError(f"{gguf_file}: its tokenizer encodes differently once saved and reloaded; not importing")
 

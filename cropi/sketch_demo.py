@@ -15,27 +15,44 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sketchstore import (BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches,
-                         export_selection, prune, query, score, select)
+from sketchstore import (
+    BuildConfig,
+    ProjectionSpec,
+    ScoreOptions,
+    SketchStore,
+    SplitRef,
+    build_sketches,
+    export_selection,
+    prune,
+    query,
+    score,
+    select,
+)
+from sketchstore.atomic import write_text_atomic
 from sketchstore.data import write_rows
+from sketchstore.options import option
+from sketchstore.spec import DEFAULT_DIM
 
 from .tasks import generate_tasks
-from .tiny_model import ensure_warm_model
+from .tiny_model import DEFAULT_MODEL_CACHE, ensure_warm_model
 
 CHECKPOINT = "warm"
+SEED_OFFSETS = {"pool": 11, "val": 12}  # disjoint generator seeds of the pool and the validation set
 
 
 @dataclass(frozen=True)
 class SketchDemoConfig:
-    out: Path
-    model_cache: Path = Path(".cache/models")
-    pool_size: int = 400
-    val_size: int = 32
-    val_family: str = "word"
-    top: float = 0.1
-    dim: int = 8192
-    seed: int = 0
-    device: str = "cpu"
+    """The sketch-flow demo's sizes."""
+
+    out: Path = option(Path("runs/sketch-demo"), "Output directory.")
+    model_cache: Path = option(DEFAULT_MODEL_CACHE, "Where the warm-started demo policy is cached.")
+    pool_size: int = option(400, "Prompts in the pool.")
+    val_size: int = option(32, "Validation prompts (all of one family).")
+    val_family: str = option("word", "The validation set's task family.")
+    top: float = option(0.1, "Share of the pool selected.")
+    dim: int = option(DEFAULT_DIM, "Sketch length k.")
+    seed: int = option(0, "Seed of the generated tasks.")
+    device: str = option("cpu", "cpu, cuda or cuda:N.")
 
 
 def _share(rows: list[dict], family: str) -> float:
@@ -67,8 +84,8 @@ def run_sketch_demo(config: SketchDemoConfig, log=print) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model = ensure_warm_model(config.model_cache, size="small", log=log)
-    pool = generate_tasks(config.pool_size, seed=config.seed + 11, difficulty=range(1, 5))
-    val = generate_tasks(config.val_size, seed=config.seed + 12, difficulty=range(1, 5), families=[config.val_family])
+    pool = generate_tasks(config.pool_size, seed=config.seed + SEED_OFFSETS["pool"], difficulty=range(1, 5))
+    val = generate_tasks(config.val_size, seed=config.seed + SEED_OFFSETS["val"], difficulty=range(1, 5), families=[config.val_family])
     pool_path, val_path = write_rows(pool, out / "pool.jsonl"), write_rows(val, out / "val.jsonl")
     store_path = out / "store"
     spec = ProjectionSpec(dim=config.dim, seed=config.seed)
@@ -100,7 +117,7 @@ def run_sketch_demo(config: SketchDemoConfig, log=print) -> dict:
         "seconds": time.perf_counter() - start,
         "model": str(model), "store": str(store_path),
     }
-    (out / "report.json").write_text(json.dumps(figures, indent=1))
+    write_text_atomic(out / "report.json", json.dumps(figures, indent=1))
     log(f"selected {kept} of {total} prompts -> {out / 'pool.pruned.jsonl'}")
     log(f"share of '{config.val_family}' prompts: pool {figures['val_family_share_pool']:.2f}, "
         f"influence selection {figures['val_family_share_selected']:.2f}, random {figures['val_family_share_random']:.2f}")

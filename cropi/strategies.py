@@ -17,8 +17,9 @@ from __future__ import annotations
 import random
 from typing import Mapping, Sequence
 
-from .errors import BadConfigError
 from sketchstore.selection import ranked
+
+from .errors import BadConfigError
 
 STRATEGIES = ("cropi", "full", "random", "learnability", "pass-rate", "influence-once")
 INFLUENCE_STRATEGIES = ("cropi", "influence-once")

@@ -539,3 +539,14 @@ def write_tasks(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path
         dup = next(i for i in ids if ids.count(i) > 1)
         raise BadConfigError(f"{p}: refusing to write duplicate id {dup!r}")
     return write_rows(rows, p)
+
+
+def load_task_rows(source: Any, what: str) -> list[dict[str, Any]]:
+    """Task rows from a task file or an iterable of rows, each with ``id`` (as str), ``prompt`` and ``answer``."""
+    rows = read_tasks(Path(source)) if isinstance(source, (str, os.PathLike)) else [dict(r) for r in source]
+    for i, r in enumerate(rows):
+        for key in ("id", "prompt", "answer"):
+            if key not in r:
+                raise BadConfigError(f"{what}: row {i} lacks {key!r}")
+        r["id"] = str(r["id"])
+    return rows

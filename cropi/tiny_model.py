@@ -21,17 +21,20 @@ import random
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from sketchstore.atomic import atomic_dir
+from sketchstore.prompts import encode_prompt
+from sketchstore.sequences import right_pad
+from sketchstore.sft import IGNORE_INDEX
 
 from .errors import BadConfigError
 from .rewards import RewardStats, get_reward
 from .tasks import FAMILIES, generate_tasks
+from .threads import torch_threads
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -48,7 +51,6 @@ __all__ = [
     "count_params",
     "load_policy",
     "load_tokenizer",
-    "chat_prompt",
     "encode_sft",
     "sft_loss",
     "greedy_generate",
@@ -78,6 +80,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
                   intermediate_size=768),
 }
 MAX_POSITIONS = 1024
+# Where warm-started policies (and imported checkpoints, by convention) are cached.
+DEFAULT_MODEL_CACHE = Path(".cache/models")
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128)
 # Exactly Qwen2's pre-tokenizer (digits one per token). It must match: transformers 5
 # AutoTokenizer (and so vLLM) loads any model_type=qwen2 tokenizer as Qwen2Tokenizer, which
@@ -86,17 +90,6 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 DEFAULT_VOCAB = 512
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n is not None and n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------
@@ -185,13 +178,6 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return tok
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the policy sees it (ChatML user turn + assistant header)."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-
-
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
@@ -264,23 +250,17 @@ def encode_sft(tokenizer, rows: Sequence[dict[str, Any]], max_len: int = 512) ->
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     out = []
     for r in rows:
-        p = tokenizer(chat_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+        p = encode_prompt(tokenizer, r["prompt"])
         t = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [eos]
         ids = (p + t)[:max_len]
-        labels = ([-100] * len(p) + t)[:max_len]
+        labels = ([IGNORE_INDEX] * len(p) + t)[:max_len]
         out.append((ids, labels))
     return out
 
 
 def _collate(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    n = max(len(ids) for ids, _ in pairs)
-    input_ids = torch.full((len(pairs), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(pairs), n), dtype=torch.long)
-    for i, (ids, lab) in enumerate(pairs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = right_pad([ids for ids, _ in pairs], pad_id)
+    labels, _ = right_pad([lab for _, lab in pairs], IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
@@ -290,7 +270,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = logits[:, :-1].float()
     target = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX
     )
 
 
@@ -308,8 +288,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     eos_ids = [tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(BOS_TOKEN)]
     outs: list[str] = []
     for s in range(0, len(prompts), batch_size):
-        chunk = [chat_prompt(tokenizer, p) for p in prompts[s : s + batch_size]]
-        enc = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chunk]
+        enc = [encode_prompt(tokenizer, p) for p in prompts[s : s + batch_size]]
         n = max(len(e) for e in enc)
         ids = torch.full((len(enc), n), pad_id, dtype=torch.long)
         mask = torch.zeros((len(enc), n), dtype=torch.long)
@@ -434,7 +413,7 @@ def warm_start(
     train_levels, eval_levels = _as_list(train_difficulty), _as_list(eval_difficulty)
     fams = _as_list(families)
     record: dict[str, Any] = {}
-    with _torch_threads(threads):
+    with torch_threads(threads):
         torch.manual_seed(seed)
         model, tok = load_policy(model_dir)
         model.train()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,20 +16,18 @@ import torch
 from tqdm import tqdm
 
 from .codecs import DEFAULT_COMPRESSOR
-from .data import read_rows
 from .errors import BadInputError, SpecMismatchError
-from .gradients import Objective, SFTObjective, load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
 from .factored import NORM_MODES, FactoredSketcher
-from .popi import POPIObjective, read_prompt_groups
+from .gradients import load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
+from .objectives import ObjectiveOptions, objective_options
+from .options import option
 from .projection import make_projector
 from .seeds import stable_seed
+from .sft import DEFAULT_MAX_LENGTH
 from .spec import ProjectionSpec, param_spec_hash
 from .store import SketchBatch, SketchStore
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-+=@]+$")
-TEXT_COLUMNS = ("prompt", "response")
-NOT_METADATA = ("id", "group") + TEXT_COLUMNS
-OBJECTIVES = ("sft", "popi")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_FLUSH_ROWS = 256
 #: Manifest column (and part attribute) saying how grad_norm was computed: exact, or sketch (its sketch's norm).
@@ -51,26 +49,31 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What ``build_sketches`` builds. ``spec.param_hash`` is filled in from the model."""
+    """What ``build_sketches`` builds. ``spec.param_hash`` is filled in from the model.
 
-    model: Path
-    data: Path | None
-    store: Path | str  # a directory, or a URL such as s3://bucket/prefix
-    checkpoint: str
-    split: str
-    spec: ProjectionSpec = field(default_factory=ProjectionSpec)
-    params: tuple[str, ...] | None = None
-    device: str = "cpu"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    flush_rows: int = DEFAULT_FLUSH_ROWS
-    max_length: int = 1024
-    compressor: str = DEFAULT_COMPRESSOR
-    shard: tuple[int, int] = (0, 1)
-    objective: str = "sft"
-    trajectories: Path | None = None
-    behaviour: str | None = None
-    clip: float = 0.0
-    norms: str = "exact"
+    ``objective``: a registered objective's name (``"sft"``, or one a plugin registers) or its
+    options instance; a name is resolved to its options here, so a missing option fails before
+    any model is loaded.
+    """
+
+    model: Path = option(help="Local Hugging Face checkpoint directory.")
+    data: Path | None = option(help="JSONL/Parquet rows (sft: id, prompt, response; other objectives: optional, "
+                                    "restricts rows and adds metadata).")
+    store: Path | str = option(help="Sketch store: a directory, or an object-storage URL such as s3://bucket/prefix.")
+    checkpoint: str = option(help="Name recorded for this model's sketches.")
+    split: str = option(help="Split name, e.g. train or a validation set's name.")
+    spec: ProjectionSpec = option(default_factory=ProjectionSpec, help="How gradients become sketches.")
+    params: tuple[str, ...] | None = option(None, "Glob patterns of parameter names to sketch (default: all).")
+    device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "Rows projected together (factored: rows per forward/backward; "
+                                                 "32-64 is faster).")
+    flush_rows: int = option(DEFAULT_FLUSH_ROWS, "Rows per committed part.", flag="flush-every")
+    max_length: int = option(DEFAULT_MAX_LENGTH, "Token limit per row.")
+    compressor: str = option(DEFAULT_COMPRESSOR, "none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
+    shard: tuple[int, int] = option((0, 1), "Build only shard I of N (disjoint by id).")
+    objective: str | ObjectiveOptions = option("sft", "What a sketch is the gradient of (a registered objective).")
+    norms: str = option("exact", "grad_norm: exact per-row gradient norms, or (factored only, faster) each sketch's "
+                                 "norm, unbiased in square; the manifest's grad_norm_kind says which.", choices=NORM_MODES)
 
     def __post_init__(self) -> None:
         check_name(self.checkpoint, "checkpoint")
@@ -80,12 +83,7 @@ class BuildConfig:
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
             raise BadInputError(f"invalid shard {index}/{count}: need 0 <= I < N")
-        if self.objective not in OBJECTIVES:
-            raise BadInputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.objective == "popi" and self.trajectories is None:
-            raise BadInputError("the popi objective needs --trajectories (a rollout Parquet file)")
-        if self.objective == "sft" and self.data is None:
-            raise BadInputError("the sft objective needs --data (JSONL/Parquet with id, prompt, response)")
+        object.__setattr__(self, "objective", objective_options(self.objective))
         if self.norms not in NORM_MODES:
             raise BadInputError(f"unknown gradient norms {self.norms!r}; choose one of {', '.join(NORM_MODES)}")
         if self.norms == "sketch" and self.spec.mode != "factored":
@@ -104,27 +102,14 @@ class BuildReport:
         return self.added / self.seconds if self.seconds > 0 else 0.0
 
 
-def _metadata(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in NOT_METADATA}
+def _metadata(row: dict, objective: ObjectiveOptions) -> dict:
+    """What the catalog keeps of a row: every key but its id and the objective's payload."""
+    return {k: v for k, v in row.items() if k != "id" and k not in objective.payload}
 
 
 def _rows(config: BuildConfig) -> list[dict]:
-    """The rows to sketch: data rows (sft) or prompt groups of stored trajectories (popi)."""
-    if config.objective == "sft":
-        rows = read_rows(config.data, required=("id",) + TEXT_COLUMNS)
-    else:
-        rows = read_prompt_groups(config.trajectories, config.behaviour)
-        if config.data is not None:  # restrict to, and take metadata from, a data file
-            extra = {r["id"]: r for r in read_rows(config.data, required=("id",))}
-            rows = [{**{k: v for k, v in extra[r["id"]].items() if k not in NOT_METADATA}, **r}
-                    for r in rows if r["id"] in extra]
-    return [r for r in rows if in_shard(r["id"], config.shard)]
-
-
-def _objective(config: BuildConfig, tokenizer) -> Objective:
-    if config.objective == "popi":
-        return POPIObjective(clip=config.clip)
-    return SFTObjective(tokenizer, max_length=config.max_length)
+    """The rows of this build's shard, as the objective reads them."""
+    return [r for r in config.objective.read_rows(config.data) if in_shard(r["id"], config.shard)]
 
 
 def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: str) -> None:
@@ -137,8 +122,8 @@ def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: st
 
 def build_sketches(config: BuildConfig, progress: bool = True,
                    on_part: Callable[[int], None] | None = None) -> BuildReport:
-    """Sketch every row (sft: of ``config.data``; popi: each prompt of ``config.trajectories``)
-    not yet stored under (checkpoint, split)."""
+    """Sketch every row the objective reads (sft: each row of ``config.data``) not yet stored
+    under (checkpoint, split)."""
     start = time.perf_counter()
     rows = _rows(config)
     if SketchStore.exists(config.store):  # fail fast, before loading the model
@@ -155,7 +140,7 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     done = store.existing_ids(config.checkpoint, config.split)
     todo = [r for r in rows if r["id"] not in done]
     report = BuildReport(total=len(rows), skipped=len(rows) - len(todo), added=0, seconds=0.0)
-    objective = _objective(config, tokenizer)
+    objective = config.objective.make(tokenizer, config.max_length)
     source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name,
               GRAD_NORM_KIND: config.norms}
     bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
@@ -178,7 +163,7 @@ def build_sketches(config: BuildConfig, progress: bool = True,
             if pending:
                 sketches.append(_project(projector, pending))
         batch = SketchBatch(ids=[r["id"] for r in group], sketches=torch.cat(sketches), grad_norms=norms,
-                            n_tokens=tokens, metadata=[{**_metadata(r), GRAD_NORM_KIND: config.norms} for r in group])
+                            n_tokens=tokens, metadata=[{**_metadata(r, config.objective), GRAD_NORM_KIND: config.norms} for r in group])
         added = store.append(config.checkpoint, config.split, batch, source=source)
         report.added += added
         if on_part is not None:

@@ -104,9 +104,9 @@ import torch
 from torch import nn
 
 from .errors import BadInputError
-from .gradients import SequenceBatch
 from .projection import SparseProjector
 from .seeds import stable_seed
+from .sequences import SequenceBatch
 from .spec import ProjectionSpec
 
 __all__ = ["FactoredSketcher", "FactoredRows", "NORM_MODES", "factor_side", "factor_dims", "plan_passes"]

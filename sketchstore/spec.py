@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
 from .errors import BadInputError, SpecMismatchError
+from .options import option
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 PROJECTION_MODES = ("sparse", "dense", "factored")
@@ -38,12 +39,13 @@ class ProjectionSpec:
     param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
     """
 
-    dim: int = DEFAULT_DIM
-    seed: int = DEFAULT_SEED
-    mode: str = "sparse"
-    keep_ratio: float = DEFAULT_KEEP_RATIO
-    dtype: str = "float16"
-    param_hash: str = ""
+    dim: int = option(DEFAULT_DIM, "Sketch length k.")
+    seed: int = option(DEFAULT_SEED, "Projection seed (each parameter's projection is seeded from it and its name).")
+    mode: str = option("sparse", "How gradients are projected (see README: What a sketch is).", flag="projection",
+                       choices=PROJECTION_MODES)
+    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "Fraction of coordinates kept before projecting (paper: ~0.1).")
+    dtype: str = option("float16", "Storage dtype of sketches.", choices=STORAGE_DTYPES)
+    param_hash: str = option("", "Hash of the parameter names and shapes (filled in by a build).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or self.dim < 1:
@@ -64,9 +66,6 @@ class ProjectionSpec:
     def from_dict(cls, data: dict) -> "ProjectionSpec":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-    def with_param_hash(self, param_hash: str) -> "ProjectionSpec":
-        return ProjectionSpec(**{**self.to_dict(), "param_hash": param_hash})
 
     def check_compatible(self, other: "ProjectionSpec", what: str = "sketches") -> None:
         """Raise SpecMismatchError naming every field where ``other`` differs from self."""

@@ -31,9 +31,27 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from .backend import STAGING_DIR  # noqa: F401  (part of the store layout; tests and tools name it)
-from .backend import MANIFEST_NAME, PARTS_DIR, ROOT_METADATA, SCORES_DIR, Backend, new_name, open_backend, reason
-from .codecs import DEFAULT_CHUNK_BYTES, DEFAULT_COMPRESSOR, codec_chain, from_storage, parse_compressor, storage_numpy_dtype, to_storage
+from .backend import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    ROOT_METADATA,
+    SCORES_DIR,
+    STAGING_DIR,  # noqa: F401  (part of the store layout; tests and tools name it)
+    Backend,
+    new_name,
+    open_backend,
+    reason,
+)
+from .codecs import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_COMPRESSOR,
+    codec_chain,
+    from_storage,
+    parse_compressor,
+    storage_numpy_dtype,
+    to_storage,
+)
+from .data import read_parquet_bytes
 from .errors import BadInputError, CorruptDataError, SketchStoreError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
 from .spec import ProjectionSpec
 
@@ -263,7 +281,7 @@ class SketchStore:
         tables = []
         for name, data in zip(names, contents):
             try:
-                table = pq.read_table(pa.BufferReader(data), columns=read_cols)
+                table = read_parquet_bytes(data, read_cols)
             except (OSError, pa.ArrowException) as err:
                 raise CorruptDataError(f"manifest {self.backend.location(name)} is unreadable: {err}") from err
             mask = np.ones(table.num_rows, dtype=bool)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .data import read_parquet_bytes
 from .errors import CorruptDataError
 from .store import MANIFEST_NAME, PARTS_DIR, SketchStore
 
@@ -24,7 +24,7 @@ class Problem:
 def _check_part(store: SketchStore, part: str) -> list[Problem]:
     try:
         data = store.backend.read_bytes(f"{PARTS_DIR}/{part}/{MANIFEST_NAME}")
-        manifest = pq.read_table(pa.BufferReader(data), columns=["row"])
+        manifest = read_parquet_bytes(data, ["row"])
     except (OSError, pa.ArrowException) as err:
         return [Problem(part, f"manifest unreadable ({err})")]
     try:

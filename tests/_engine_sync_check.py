@@ -56,7 +56,8 @@ def main() -> None:
     from vllm import SamplingParams
 
     from cropi.engine import make_engine, sampled_logprobs, sync_weights
-    from cropi.rollout import RolloutConfig, encode_prompt, run_rollouts
+    from cropi.rollout import RolloutConfig, run_rollouts
+    from sketchstore.prompts import encode_prompt
     from cropi.tasks import read_tasks
     from cropi.tiny_model import load_policy
 

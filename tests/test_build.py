@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, load_scores, score
 from sketchstore.data import read_rows, write_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
-from sketchstore.gradients import SFTObjective, load_model
+from sketchstore.gradients import load_model
+from sketchstore.sft import SFTObjective
 
 DIM = 2048
 

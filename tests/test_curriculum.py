@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cropi.tasks import generate_tasks
+from sketchstore import ProjectionSpec
 from sketchstore.data import read_rows, write_rows
 from sketchstore.selection import ranked
 
@@ -34,8 +35,9 @@ def _check(model: str, out: str) -> dict:
     from cropi.compare import run_comparison
     from cropi.curriculum import Curriculum, CurriculumConfig
     from cropi.rewards import register_reward
-    from cropi.rollout import read_trajectories
-    from cropi.trainer import TrainConfig, read_log
+    from cropi.trajectory import read_trajectories
+    from cropi.run_dir import read_log
+    from cropi.train_config import TrainConfig
     from sketchstore import SketchStore, SplitRef, load_scores
 
     register_reward("parity", lambda response, answer, stats=None: float(len(response) % 2 == 0), overwrite=True)
@@ -46,7 +48,7 @@ def _check(model: str, out: str) -> dict:
                         n=4, max_tokens=8, temperature=1.0, lr=1e-2, eval_every=STEPS, eval_samples=2,
                         reward="parity", seed=5)
     base = CurriculumConfig(train=train, pool=pool, val_sets={"v": val}, fraction=FRACTION, stages=STAGES,
-                            steps_per_stage=STEPS, popi_n=4, dim=256, seed=5)
+                            steps_per_stage=STEPS, popi_n=4, spec=ProjectionSpec(dim=256, seed=5))
     logs: list[str] = []
     result = run_comparison(base, STRATEGIES, out, log=logs.append, metric="sampled")
     facts = {"results": result["results"], "plots": result["plots"], "logs": logs}

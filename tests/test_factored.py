@@ -14,8 +14,9 @@ from sketchstore.data import read_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
 from sketchstore import factored
 from sketchstore.factored import FactoredSketcher, factor_dims, plan_passes
-from sketchstore.gradients import SFTObjective, load_model, per_example_gradients, select_parameters
-from sketchstore.popi import POPIObjective, PromptGroup, read_prompt_groups
+from sketchstore.gradients import load_model, per_example_gradients, select_parameters
+from sketchstore.sft import SFTObjective
+from cropi.popi import POPIObjective, POPIOptions, PromptGroup, read_prompt_groups
 from test_popi import K, sample_trajectories
 
 TIED = "model.embed_tokens.weight"
@@ -188,8 +189,8 @@ def test_sketch_cosines_track_exact_cosines(model_tok, sft_data):
 def test_build_popi_zero_advantage_and_exact_norms(tiny_model, trajectories, tmp_path):
     def cfg(store, batch_size):
         return BuildConfig(model=tiny_model, data=None, store=store, checkpoint="theta0", split="pool",
-                           spec=ProjectionSpec(dim=1024, mode="factored", dtype="float32"), objective="popi",
-                           trajectories=trajectories, batch_size=batch_size, flush_rows=4)
+                           spec=ProjectionSpec(dim=1024, mode="factored", dtype="float32"),
+                           objective=POPIOptions(trajectories=trajectories), batch_size=batch_size, flush_rows=4)
 
     assert build_sketches(cfg(tmp_path / "a", 1), progress=False).added == 6
     assert build_sketches(cfg(tmp_path / "b", 6), progress=False).added == 6

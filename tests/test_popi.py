@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches, catalog
 from sketchstore.errors import BadInputError
 from sketchstore.gradients import per_example_gradients, select_parameters
-from sketchstore.popi import POPIObjective, read_prompt_groups
+from cropi.errors import BadConfigError
+from cropi.popi import POPIObjective, POPIOptions, read_prompt_groups
 
 SKETCH = str(Path(sys.executable).with_name("sketch"))
 
@@ -117,7 +118,7 @@ def test_off_policy_uses_importance_ratios(tiny_model, trajectories):
 def test_build_popi_records_zero_gradient_prompts_and_is_batch_invariant(tiny_model, trajectories, tmp_path):
     def cfg(store, batch_size):
         return BuildConfig(model=tiny_model, data=None, store=store, checkpoint="theta0", split="pool",
-                           spec=ProjectionSpec(dim=1024), objective="popi", trajectories=trajectories,
+                           spec=ProjectionSpec(dim=1024), objective=POPIOptions(trajectories=trajectories),
                            batch_size=batch_size, flush_rows=3)
 
     assert build_sketches(cfg(tmp_path / "a", 1), progress=False).added == 5
@@ -146,16 +147,16 @@ def test_build_popi_records_zero_gradient_prompts_and_is_batch_invariant(tiny_mo
 
 
 def test_bad_trajectories(tiny_model, trajectories, tmp_path):
-    with pytest.raises(BadInputError, match="trajectories not found"):
+    with pytest.raises(BadConfigError, match="trajectories not found"):
         read_prompt_groups(tmp_path / "nope.parquet")
     table = pq.read_table(trajectories)
     pq.write_table(table.drop(["advantage"]), tmp_path / "noadv.parquet")
-    with pytest.raises(BadInputError, match="lack column.*advantage"):
+    with pytest.raises(BadConfigError, match="lack column.*advantage"):
         read_prompt_groups(tmp_path / "noadv.parquet")
     rows = table.to_pylist()
     rows[0]["top_p"] = 0.9
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "topp.parquet")
-    with pytest.raises(BadInputError, match="top_p < 1"):
+    with pytest.raises(BadConfigError, match="top_p < 1"):
         read_prompt_groups(tmp_path / "topp.parquet")
     with pytest.raises(BadInputError, match="needs --trajectories"):
         BuildConfig(model=tiny_model, data=None, store=tmp_path / "s", checkpoint="c", split="s", objective="popi")
@@ -165,7 +166,7 @@ def test_scoring_refuses_mixed_objectives(tiny_model, trajectories, sft_data, tm
     from sketchstore import SplitRef, score
 
     common = dict(model=tiny_model, store=tmp_path / "s", checkpoint="theta0", spec=ProjectionSpec(dim=512))
-    build_sketches(BuildConfig(data=None, split="pool", objective="popi", trajectories=trajectories, **common), progress=False)
+    build_sketches(BuildConfig(data=None, split="pool", objective=POPIOptions(trajectories=trajectories), **common), progress=False)
     build_sketches(BuildConfig(data=sft_data[1], split="val", **common), progress=False)
     with pytest.raises(BadInputError, match="objective sft but theta0:pool with popi"):
         score(SketchStore.open(tmp_path / "s", writable=True), SplitRef("theta0", "pool"), [SplitRef("theta0", "val")],

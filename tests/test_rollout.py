@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from cropi.rewards import get_reward
-from cropi.rollout import (ADVANTAGE_EPS, GROUP_STD_DDOF, TRAJECTORY_SCHEMA, encode_prompt, group_advantages,
-                           groups_by_prompt, read_trajectories, trajectory_glob)
+from cropi.rollout import ADVANTAGE_EPS, GROUP_STD_DDOF, group_advantages
+from cropi.trajectory import TRAJECTORY_SCHEMA, groups_by_prompt, read_trajectories, trajectory_glob
+from sketchstore.prompts import encode_prompt
 from cropi.tasks import generate_tasks, write_tasks
 from click.testing import CliRunner
 

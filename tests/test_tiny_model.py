@@ -9,6 +9,7 @@ import torch
 
 from cropi import tiny_model as tm
 from cropi.tasks import generate_tasks
+from sketchstore.prompts import prompt_text
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_chat_template(tok):
     msgs = [{"role": "user", "content": "What is 2 + 3?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
-    assert tm.chat_prompt(tok, "What is 2 + 3?") == text
+    assert prompt_text(tok, "What is 2 + 3?") == text
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert ids[0] == tok.convert_tokens_to_ids(tm.IM_START) and tok.decode(ids) == text
@@ -69,7 +70,7 @@ def test_saved_tokenizer_loads_identically_with_autotokenizer(tiny_dir, tok):
     assert cfg["chat_template"] == tm.CHAT_TEMPLATE
     auto = AutoTokenizer.from_pretrained(str(tiny_dir))
     loaded = tm.load_tokenizer(tiny_dir)
-    texts = [tm.chat_prompt(tok, r["prompt"]) + r["response"] + tm.EOS_TOKEN
+    texts = [prompt_text(tok, r["prompt"]) + r["response"] + tm.EOS_TOKEN
              for r in generate_tasks(100, seed=9, difficulty=range(1, 7))]
     texts += ["Ünïcödé  spaces\n\nnew lines 1,234.5 \\frac{1}{2} $x^2$ 日本", "  leading and trailing  "]
     for t in texts:
@@ -78,7 +79,7 @@ def test_saved_tokenizer_loads_identically_with_autotokenizer(tiny_dir, tok):
         assert loaded(t, add_special_tokens=False)["input_ids"] == ref
     assert auto.eos_token_id == tok.eos_token_id and auto.pad_token_id == tok.pad_token_id
     assert loaded.padding_side == "left"
-    assert tm.chat_prompt(auto, "hi") == tm.chat_prompt(tok, "hi")
+    assert prompt_text(auto, "hi") == prompt_text(tok, "hi")
 
 
 # ------------------------------------------------------------------------------- model
@@ -97,7 +98,7 @@ def test_tiny_model_config_and_forward(tiny_dir, tok):
     gen = json.loads((tiny_dir / "generation_config.json").read_text())
     assert tok.eos_token_id in gen["eos_token_id"]
     assert (tiny_dir / "model.safetensors").is_file()
-    ids = torch.tensor([tok(tm.chat_prompt(tok, "What is 1 + 1?"), add_special_tokens=False)["input_ids"]] * 2)
+    ids = torch.tensor([tok(prompt_text(tok, "What is 1 + 1?"), add_special_tokens=False)["input_ids"]] * 2)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.shape == (2, ids.shape[1], cfg.vocab_size)
@@ -121,7 +122,7 @@ def test_encode_sft_masks_prompt(tok):
     rows = generate_tasks(5, seed=1, difficulty=2)
     for (ids, labels), r in zip(tm.encode_sft(tok, rows), rows):
         assert len(ids) == len(labels)
-        n_prompt = len(tok(tm.chat_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"])
+        n_prompt = len(tok(prompt_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"])
         assert all(x == -100 for x in labels[:n_prompt])
         target = labels[n_prompt:]
         assert -100 not in target and target == ids[n_prompt:]

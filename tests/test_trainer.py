@@ -22,11 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cropi.grpo import (ADVANTAGE_EPS, aggregate, batch_advantages, clipped_surrogate, grpo_loss, kl_k3,
-                        token_logprobs_from_logits)
-from cropi.rollout import encode_prompt
-from cropi.tasks import generate_tasks
 from cropi.errors import BadConfigError
+from cropi.grpo import ADVANTAGE_EPS, aggregate, batch_advantages, clipped_surrogate, grpo_loss, kl_k3
+from cropi.policy import Policy, ResponseSeq, load_causal_lm
+from cropi.popi import response_logprobs
+from cropi.sampler import PoolSampler
+from cropi.tasks import generate_tasks
+from cropi.train_config import TrainConfig
+from cropi.trajectory import Trajectory
+from cropi.update import UpdateSettings, grpo_update, make_optimizer
+from sketchstore.prompts import encode_prompt
+from sketchstore.sequences import token_logprobs
 
 P, K, MAX_TOKENS, STEPS_A, STEPS_B = 4, 4, 10, 2, 2
 CROPI = str(Path(sys.executable).with_name("cropi"))
@@ -54,10 +60,10 @@ def test_token_logprobs_use_temperature():
     for T in (1.0, 0.7):
         z = logits / T
         want = [z[0, 0] - torch.logsumexp(z[0], 0), z[1, 2] - torch.logsumexp(z[1], 0)]
-        got = token_logprobs_from_logits(logits, targets, T)
+        got = token_logprobs(logits, targets, T)
         assert torch.allclose(got, torch.stack(want), atol=1e-6)
-    assert not torch.allclose(token_logprobs_from_logits(logits, targets, 0.7),
-                              token_logprobs_from_logits(logits, targets, 1.0), atol=1e-2)
+    assert not torch.allclose(token_logprobs(logits, targets, 0.7),
+                              token_logprobs(logits, targets, 1.0), atol=1e-2)
 
 
 def test_clipped_surrogate_active_and_inactive():
@@ -119,36 +125,19 @@ def test_grpo_loss_with_kl_and_padding():
 # --------------------------------------------------------------------------------------
 
 
-class FakeEngine:
-    """Stands in for vllm.LLM where only sync_weights touches it."""
-
-    def __init__(self):
-        self.synced = 0
-
-    def collective_rpc(self, name, kwargs=None):
-        assert name == "reload_weights"
-        self.synced += 1
-
-    def reset_prefix_cache(self):
-        pass
-
-
 def test_config_validation(tiny_model, tmp_path):
-    from cropi.trainer import TrainConfig
-
     ok = dict(model=tiny_model, out=tmp_path / "run")
     TrainConfig(**ok)
+    TrainConfig(**ok, device="cuda:3")  # torchrun's cuda:$LOCAL_RANK
     for bad in (dict(n=1), dict(prompts_per_step=0), dict(lr=0), dict(loss_agg="sum"), dict(dtype="fp8"),
-                dict(device="tpu"), dict(old_logprobs="x"), dict(clip_low=1.5), dict(temperature=0),
-                dict(reward="nope"), dict(eval_sets={"a/b": []}), dict(steps=-1), dict(model=tmp_path / "nomodel"),
-                dict(train=tmp_path / "missing.jsonl")):
+                dict(device="tpu"), dict(device="cuda:x"), dict(old_logprobs="x"), dict(clip_low=1.5),
+                dict(temperature=0), dict(reward="nope"), dict(eval_sets={"a/b": []}), dict(steps=-1),
+                dict(model=tmp_path / "nomodel"), dict(train=tmp_path / "missing.jsonl")):
         with pytest.raises(BadConfigError):
             TrainConfig(**{**ok, **bad})
 
 
 def test_pool_sampler_epochs_and_state():
-    from cropi.trainer import PoolSampler
-
     rows = [{"id": str(i), "prompt": f"p{i}", "answer": "1"} for i in range(5)]
     s = PoolSampler(rows, seed=3)
     first = [r["id"] for r in s.next(3)] + [r["id"] for r in s.next(2)]
@@ -161,92 +150,91 @@ def test_pool_sampler_epochs_and_state():
     assert [r["id"] for r in PoolSampler(rows, seed=3).next(5)] == first
 
 
-def _fake_trajectories(trainer, advantages, lengths, seed=0):
-    """Trajectory rows (cropi.rollout schema subset) with behaviour log-probs = the policy's."""
-    from sketchstore.popi import token_logprobs
+@pytest.fixture()
+def policy(tiny_model):
+    """The tiny model as a trainable policy at temperature 0.8."""
+    from cropi.tiny_model import load_tokenizer
 
+    model = load_causal_lm(tiny_model, torch.device("cpu"))
+    return Policy(model, load_tokenizer(tiny_model), temperature=0.8)
+
+
+def _fake_trajectories(policy, advantages, lengths, seed=0):
+    """Trajectory records whose behaviour log-probs are the policy's own."""
     gen = torch.Generator().manual_seed(seed)
     tasks = generate_tasks(len(advantages), seed=5, difficulty=1, families="arith")
     traj = []
     for task, advs, lens in zip(tasks, advantages, lengths):
-        prompt = encode_prompt(trainer.tokenizer, task["prompt"])
+        prompt = encode_prompt(policy.tokenizer, task["prompt"])
         responses = [torch.randint(10, 300, (n,), generator=gen).tolist() for n in lens]
         with torch.no_grad():
-            behaviour = token_logprobs(trainer.policy, prompt, responses, trainer.config.temperature)
+            behaviour = response_logprobs(policy.model, prompt, responses, policy.temperature)
         for j, (y, a, b) in enumerate(zip(responses, advs, behaviour)):
-            traj.append({"prompt_id": task["id"], "sample": j, "prompt_token_ids": prompt, "response_token_ids": y,
-                         "behaviour_logprobs": b.tolist(), "advantage": a, "reward": float(a > 0),
-                         "zero_std": all(x == 0 for x in advs), "finish_reason": "length"})
+            traj.append(Trajectory(prompt_id=task["id"], behaviour="b", sample=j, prompt=task["prompt"], answer="1",
+                                   prompt_token_ids=prompt, response_token_ids=y, behaviour_logprobs=b.tolist(),
+                                   response="", finish_reason="length", temperature=policy.temperature, top_p=1.0,
+                                   reward=float(a > 0), reward_parsed=True, advantage=a,
+                                   zero_std=all(x == 0 for x in advs)))
     return traj
 
 
-def _manual_grads(trainer, traj, agg):
+def _manual_grads(policy, traj, agg):
     """Gradient of the GRPO loss (ratio = 1 at the behaviour policy) computed independently."""
     import copy
 
-    from sketchstore.popi import token_logprobs
-
-    model = copy.deepcopy(trainer.policy)
+    model = copy.deepcopy(policy.model)
     model.zero_grad()
-    total_tokens = sum(len(r["response_token_ids"]) for r in traj)
+    total_tokens = sum(len(t.response_token_ids) for t in traj)
     loss = 0.0
-    for r in traj:
-        logp = token_logprobs(model, r["prompt_token_ids"], [r["response_token_ids"]], trainer.config.temperature)[0]
-        ratio = torch.exp(logp - torch.tensor(r["behaviour_logprobs"]))
+    for t in traj:
+        logp = response_logprobs(model, t.prompt_token_ids, [t.response_token_ids], policy.temperature)[0]
+        ratio = torch.exp(logp - torch.tensor(t.behaviour_logprobs))
         if agg == "token-mean":
-            loss = loss - (ratio * r["advantage"]).sum() / total_tokens
+            loss = loss - (ratio * t.advantage).sum() / total_tokens
         else:
-            loss = loss - (ratio * r["advantage"]).mean() / len(traj)
+            loss = loss - (ratio * t.advantage).mean() / len(traj)
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("agg,grad_accum", [("token-mean", 1), ("token-mean", 3), ("seq-mean-token-mean", 2)])
-def test_update_matches_manual_loss(tiny_model, tmp_path, agg, grad_accum):
+def test_update_matches_manual_loss(policy, agg, grad_accum):
     """Zero-advantage group skipped but counted in the denominators; micro-batching exact."""
-    from cropi.trainer import GRPOTrainer, TrainConfig
-
-    cfg = TrainConfig(model=tiny_model, out=tmp_path / "run", n=3, temperature=0.8, loss_agg=agg,
-                      grad_accum=grad_accum, max_grad_norm=None, eval_sets=None, plots=False)
-    engine = FakeEngine()
-    trainer = GRPOTrainer(cfg, engine=engine)
-    assert engine.synced == 1
-    traj = _fake_trajectories(trainer, [[1.0, -0.5, -0.5], [0.0, 0.0, 0.0], [0.7, 0.7, -1.4]],
+    traj = _fake_trajectories(policy, [[1.0, -0.5, -0.5], [0.0, 0.0, 0.0], [0.7, 0.7, -1.4]],
                               [[3, 5, 2], [4, 4, 6], [1, 7, 3]])
-    want_loss, want_grads = _manual_grads(trainer, traj, agg)
+    want_loss, want_grads = _manual_grads(policy, traj, agg)
+    optimizer = make_optimizer(policy.model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
     seen = {}
 
     def capture():
-        seen.update({n: p.grad.clone() for n, p in trainer.policy.named_parameters()})
+        seen.update({n: p.grad.clone() for n, p in policy.model.named_parameters()})
 
-    trainer.optimizer.step = capture
-    stats = trainer._update(traj)
-    assert stats["seqs_trained"] == 6 and stats["updates"] == 1
-    assert stats["loss"] == pytest.approx(want_loss, abs=1e-5)
-    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["clip_frac"] == 0.0
+    optimizer.step = capture
+    stats = grpo_update(policy, optimizer, traj, UpdateSettings(n=3, loss_agg=agg, grad_accum=grad_accum,
+                                                                max_grad_norm=None))
+    assert stats.seqs_trained == 6 and stats.updates == 1
+    assert stats.loss == pytest.approx(want_loss, abs=1e-5)
+    assert stats.ratio_mean == pytest.approx(1.0, abs=1e-5) and stats.clip_frac == 0.0
     for name, g in want_grads.items():
         assert torch.allclose(seen[name], g, atol=1e-6, rtol=1e-4), name
 
 
-def test_shared_prompt_forward_equals_plain(tiny_model, tmp_path):
+def test_shared_prompt_forward_equals_plain(policy):
     """The shared-prompt forward (prompt once, KV gathered per response, padding gap masked)
     gives the plain padded forward's log-probs and gradients."""
-    from cropi.trainer import GRPOTrainer, TrainConfig, _Seq
+    from dataclasses import replace
 
-    trainer = GRPOTrainer(TrainConfig(model=tiny_model, out=tmp_path / "run", n=3, temperature=0.7, plots=False),
-                          engine=FakeEngine())
-    traj = _fake_trajectories(trainer, [[1.0, 0.0, -1.0], [0.5, 0.5, -1.0]], [[3, 6, 1], [5, 2, 4]])
-    traj.append({**traj[0], "prompt_token_ids": traj[0]["prompt_token_ids"][:-4] })  # a shorter, unique prompt
-    seqs = [_Seq(ids=r["prompt_token_ids"] + r["response_token_ids"], start=len(r["prompt_token_ids"]),
-                 n_resp=len(r["response_token_ids"]), advantage=r["advantage"], old_logp=[]) for r in traj]
-    assert len({tuple(r["prompt_token_ids"]) for r in traj}) == 3
+    traj = _fake_trajectories(policy, [[1.0, 0.0, -1.0], [0.5, 0.5, -1.0]], [[3, 6, 1], [5, 2, 4]])
+    traj.append(replace(traj[0], prompt_token_ids=traj[0].prompt_token_ids[:-4]))  # a shorter, unique prompt
+    seqs = [ResponseSeq.from_trajectory(t) for t in traj]
+    assert len({tuple(t.prompt_token_ids) for t in traj}) == 3
     results = {}
     for share in (True, False):
-        trainer.config.share_prompt = share
-        trainer.policy.zero_grad()
-        logp, mask = trainer._forward_logprobs(trainer.policy, seqs)
+        policy.share_prompt = share
+        policy.model.zero_grad()
+        logp, mask = policy.logprobs(seqs)
         (logp * mask).sum().backward()
-        results[share] = (logp.detach(), mask, {n: p.grad.clone() for n, p in trainer.policy.named_parameters()})
+        results[share] = (logp.detach(), mask, {n: p.grad.clone() for n, p in policy.model.named_parameters()})
     (a, ma, ga), (b, mb, gb) = results[True], results[False]
     assert torch.equal(ma, mb)
     assert torch.allclose(a[ma], b[mb], atol=1e-5)
@@ -254,21 +242,18 @@ def test_shared_prompt_forward_equals_plain(tiny_model, tmp_path):
         assert torch.allclose(ga[name], gb[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_update_mini_batches_and_recompute(tiny_model, tmp_path):
+def test_update_mini_batches_and_recompute(policy):
     """Two optimiser updates per batch: the second mini-batch sees a changed policy (ratio != 1,
     clip can act); with recompute the old log-probs come from the HF policy."""
-    from cropi.trainer import GRPOTrainer, TrainConfig
+    from dataclasses import replace
 
-    cfg = TrainConfig(model=tiny_model, out=tmp_path / "run", n=2, lr=0.05, mini_batches=2, old_logprobs="recompute",
-                      plots=False)
-    trainer = GRPOTrainer(cfg, engine=FakeEngine())
-    traj = _fake_trajectories(trainer, [[1.0, -1.0], [1.0, -1.0]], [[4, 4], [4, 4]])
-    for r in traj:  # wrong behaviour log-probs: recompute must not use them
-        r["behaviour_logprobs"] = [0.0] * len(r["response_token_ids"])
-    stats = trainer._update(traj)
-    assert stats["updates"] == 2
-    assert stats["ratio_max"] > 1.0 + 1e-3  # second mini-batch: policy moved after the first update
-    assert stats["ratio_mean"] < 5  # not exp(0 - logp) (~ vocabulary size): recomputed old log-probs
+    traj = _fake_trajectories(policy, [[1.0, -1.0], [1.0, -1.0]], [[4, 4], [4, 4]])
+    traj = [replace(t, behaviour_logprobs=[0.0] * len(t.response_token_ids)) for t in traj]  # wrong: must not be used
+    optimizer = make_optimizer(policy.model, lr=0.05, betas=(0.9, 0.99), weight_decay=0.0)
+    stats = grpo_update(policy, optimizer, traj, UpdateSettings(n=2, mini_batches=2, old_logprobs="recompute"))
+    assert stats.updates == 2
+    assert stats.ratio_max > 1.0 + 1e-3  # second mini-batch: policy moved after the first update
+    assert stats.ratio_mean < 5  # not exp(0 - logp) (~ vocabulary size): recomputed old log-probs
 
 
 # --------------------------------------------------------------------------------------
@@ -282,7 +267,8 @@ def _engine_check(model: str, out: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from cropi.rewards import register_reward
-    from cropi.trainer import GRPOTrainer, TrainConfig, _Seq, read_log
+    from cropi.run_dir import read_log
+    from cropi.trainer import GRPOTrainer
     from cropi.tiny_model import load_tokenizer
 
     register_reward("parity", lambda response, answer, stats=None: float(len(response) % 2 == 0), overwrite=True)
@@ -299,14 +285,13 @@ def _engine_check(model: str, out: str) -> dict:
     # weight sync: the engine now samples from the updated HF policy, not the initial one
     initial = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     traj, _ = trainer.sample(cfg.train[:2], "sync-check")
-    seqs = [_Seq(ids=r["prompt_token_ids"] + r["response_token_ids"], start=len(r["prompt_token_ids"]),
-                 n_resp=len(r["response_token_ids"]), advantage=0.0, old_logp=[]) for r in traj]
+    seqs = [ResponseSeq.from_trajectory(t) for t in traj]
     with torch.no_grad():
-        now, mask = trainer._forward_logprobs(trainer.policy, seqs)
-        before, _ = trainer._forward_logprobs(initial, seqs)
+        now, mask = trainer.policy_logprobs.logprobs(seqs)
+        before, _ = trainer.policy_logprobs.logprobs(seqs, model=initial)
     engine_lp = torch.zeros_like(now)
-    for i, r in enumerate(traj):
-        engine_lp[i, : len(r["behaviour_logprobs"])] = torch.tensor(r["behaviour_logprobs"])
+    for i, t in enumerate(traj):
+        engine_lp[i, : len(t.behaviour_logprobs)] = torch.tensor(t.behaviour_logprobs)
     facts["sync_vs_policy"] = float(((engine_lp - now).abs() * mask).max())
     facts["sync_vs_initial"] = float(((engine_lp - before).abs() * mask).max())
 

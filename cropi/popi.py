@@ -32,23 +32,29 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from .errors import BadInputError
-from .gradients import SequenceBatch, select_tokens
+from sketchstore.data import read_rows
+from sketchstore.objectives import register_objective
+from sketchstore.options import option
+from sketchstore.sequences import SequenceBatch, right_pad, select_tokens, token_logprobs
 
-TRAJECTORY_COLUMNS = ("prompt_id", "behaviour", "sample", "prompt_token_ids", "response_token_ids",
-                      "behaviour_logprobs", "temperature", "top_p", "reward", "advantage", "pass_rate", "zero_std")
+from .checks import check_float
+from .errors import BadConfigError
+from .trajectory import Trajectory, from_rows, read_trajectories
+
 GROUP_METADATA = ("behaviour", "pass_rate", "zero_std")
+# The trajectory columns POPI reads (stores written by other tools need only these).
+POPI_COLUMNS = ("prompt_id", "behaviour", "sample", "prompt_token_ids", "response_token_ids", "behaviour_logprobs",
+                "temperature", "top_p", "reward", "advantage", "pass_rate", "zero_std")
 
 
 @dataclass
 class PromptGroup:
-    """The K stored trajectories of one prompt, as token ids and behaviour log-probs."""
+    """The K stored trajectories of one prompt, as POPI reads them."""
 
     prompt_id: str
     prompt_token_ids: list[int]
@@ -59,6 +65,15 @@ class PromptGroup:
     temperature: float
     metadata: dict
 
+    @classmethod
+    def from_trajectories(cls, trajectories: list[Trajectory]) -> "PromptGroup":
+        first = trajectories[0]
+        return cls(prompt_id=first.prompt_id, prompt_token_ids=list(first.prompt_token_ids),
+                   responses=[list(t.response_token_ids) for t in trajectories],
+                   behaviour_logprobs=[list(t.behaviour_logprobs) for t in trajectories],
+                   advantages=[float(t.advantage) for t in trajectories], rewards=[float(t.reward) for t in trajectories],
+                   temperature=float(first.temperature), metadata={k: getattr(first, k) for k in GROUP_METADATA})
+
     @property
     def zero_advantage(self) -> bool:
         return all(a == 0 for a in self.advantages)
@@ -68,66 +83,44 @@ def read_prompt_groups(path: str | os.PathLike, behaviour: str | None = None) ->
     """Trajectories grouped by prompt, as build rows: ``{"id", "group": PromptGroup, metadata...}``."""
     path = Path(path)
     if not path.exists():
-        raise BadInputError(f"trajectories not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as err:
-        raise BadInputError(f"{path}: not readable as Parquet trajectories ({err})") from err
-    missing = [c for c in TRAJECTORY_COLUMNS if c not in table.column_names]
-    if missing:
-        raise BadInputError(f"{path}: trajectories lack column(s) {', '.join(missing)}")
+        raise BadConfigError(f"trajectories not found: {path}")
+    table = read_trajectories(path, columns=POPI_COLUMNS)
     behaviours = set(table.column("behaviour").to_pylist())
     if behaviour is None and len(behaviours) > 1:
-        raise BadInputError(f"{path}: trajectories of several behaviour policies ({', '.join(sorted(behaviours))}); pick one")
+        raise BadConfigError(f"{path}: trajectories of several behaviour policies ({', '.join(sorted(behaviours))}); pick one")
     if behaviour is not None and behaviour not in behaviours:
-        raise BadInputError(f"{path}: no trajectories of behaviour {behaviour!r} (has {', '.join(sorted(behaviours))})")
-    groups: dict[str, list[dict]] = {}
-    for row in table.to_pylist():
-        if behaviour is None or row["behaviour"] == behaviour:
-            groups.setdefault(str(row["prompt_id"]), []).append(row)
+        raise BadConfigError(f"{path}: no trajectories of behaviour {behaviour!r} (has {', '.join(sorted(behaviours))})")
+    groups: dict[str, list[Trajectory]] = {}
+    for t in from_rows(table.to_pylist()):
+        if behaviour is None or t.behaviour == behaviour:
+            groups.setdefault(str(t.prompt_id), []).append(t)
     out = []
-    for prompt_id, rows in groups.items():
-        rows.sort(key=lambda r: r["sample"])
-        if any(r["top_p"] < 1.0 for r in rows):
-            raise BadInputError(f"{path}: prompt {prompt_id!r} was sampled with top_p < 1; POPI needs top_p = 1")
-        if len({r["temperature"] for r in rows}) != 1:
-            raise BadInputError(f"{path}: prompt {prompt_id!r} mixes sampling temperatures")
-        for r in rows:
-            if len(r["response_token_ids"]) != len(r["behaviour_logprobs"]):
-                raise BadInputError(f"{path}: prompt {prompt_id!r} sample {r['sample']}: token and log-prob counts differ")
-        rewards = [float(r["reward"]) for r in rows]
-        group = PromptGroup(
-            prompt_id=prompt_id, prompt_token_ids=list(rows[0]["prompt_token_ids"]),
-            responses=[list(r["response_token_ids"]) for r in rows],
-            behaviour_logprobs=[list(r["behaviour_logprobs"]) for r in rows],
-            advantages=[float(r["advantage"]) for r in rows], rewards=rewards,
-            temperature=float(rows[0]["temperature"]),
-            metadata={k: rows[0][k] for k in GROUP_METADATA})
-        out.append({"id": prompt_id, "group": group, "k": len(rows), "reward_mean": sum(rewards) / len(rewards),
-                    **group.metadata})
+    for prompt_id, trajectories in groups.items():
+        trajectories.sort(key=lambda t: t.sample)
+        if any(t.top_p < 1.0 for t in trajectories):
+            raise BadConfigError(f"{path}: prompt {prompt_id!r} was sampled with top_p < 1; POPI needs top_p = 1")
+        if len({t.temperature for t in trajectories}) != 1:
+            raise BadConfigError(f"{path}: prompt {prompt_id!r} mixes sampling temperatures")
+        for t in trajectories:
+            if len(t.response_token_ids) != len(t.behaviour_logprobs):
+                raise BadConfigError(f"{path}: prompt {prompt_id!r} sample {t.sample}: token and log-prob counts differ")
+        group = PromptGroup.from_trajectories(trajectories)
+        out.append({"id": prompt_id, "group": group, "k": len(trajectories),
+                    "reward_mean": sum(group.rewards) / len(group.rewards), **group.metadata})
     if not out:
-        raise BadInputError(f"{path}: no trajectories")
+        raise BadConfigError(f"{path}: no trajectories")
     return out
 
 
-def token_logprobs(model: nn.Module, prompt: list[int], responses: list[list[int]], temperature: float) -> list[torch.Tensor]:
+def response_logprobs(model: nn.Module, prompt: list[int], responses: list[list[int]],
+                      temperature: float) -> list[torch.Tensor]:
     """log pi(y_t | prompt, y_<t) at ``temperature`` for each response, from one padded forward."""
     device = next(model.parameters()).device
-    lengths = [len(prompt) + len(r) for r in responses]
-    width = max(lengths)
-    ids = torch.zeros(len(responses), width, dtype=torch.long)
-    mask = torch.zeros(len(responses), width, dtype=torch.long)
-    for i, response in enumerate(responses):
-        ids[i, :lengths[i]] = torch.tensor(prompt + response)
-        mask[i, :lengths[i]] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    out = []
-    for i, response in enumerate(responses):
-        start = len(prompt) - 1
-        step_logits = logits[i, start:start + len(response)] / temperature
-        targets = torch.tensor(response, device=device)
-        out.append(torch.log_softmax(step_logits, dim=-1).gather(1, targets[:, None]).squeeze(1))
-    return out
+    ids, mask = right_pad([prompt + response for response in responses])
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    start = len(prompt) - 1
+    return [token_logprobs(logits[i, start:start + len(response)], torch.tensor(response, device=device), temperature)
+            for i, response in enumerate(responses)]
 
 
 class POPIObjective:
@@ -136,9 +129,7 @@ class POPIObjective:
     name = "popi"
 
     def __init__(self, clip: float = 0.0) -> None:
-        if clip < 0:
-            raise BadInputError(f"clip must be >= 0, got {clip}")
-        self.clip = clip
+        self.clip = check_float("clip", clip, 0.0)
 
     def loss(self, model: nn.Module, row: dict) -> tuple[torch.Tensor | None, int]:
         group: PromptGroup = row["group"]
@@ -146,7 +137,7 @@ class POPIObjective:
         kept = [i for i, r in enumerate(group.responses) if r and group.advantages[i] != 0]
         if not kept:
             return None, n_tokens
-        logps = token_logprobs(model, group.prompt_token_ids, [group.responses[i] for i in kept], group.temperature)
+        logps = response_logprobs(model, group.prompt_token_ids, [group.responses[i] for i in kept], group.temperature)
         total = torch.zeros((), device=logps[0].device)
         for i, logp in zip(kept, logps):
             behaviour = torch.tensor(group.behaviour_logprobs[i], device=logp.device)
@@ -209,3 +200,33 @@ class POPIObjective:
 
         return SequenceBatch(sequences=seqs, seq_rows=torch.tensor(seq_rows, dtype=torch.long), n_rows=len(rows),
                              n_tokens=n_tokens, loss_fn=loss_fn, zero_rows=zero_rows)
+
+
+@register_objective
+@dataclass(frozen=True)
+class POPIOptions:
+    """the off-policy policy gradient of each prompt of --trajectories (from `cropi rollout`)."""
+
+    name: ClassVar[str] = "popi"
+    payload: ClassVar[tuple[str, ...]] = ("group",)
+
+    trajectories: Path = option(help="Rollout trajectories (from `cropi rollout`) for the popi objective.")
+    behaviour: str | None = option(None, "popi: the behaviour policy to use when the trajectories hold several.")
+    popi_clip: float = option(0.0, "popi: PPO clip range of the importance ratio (0: no clipping, as the reference).")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trajectories", Path(self.trajectories))
+        check_float("popi_clip", self.popi_clip, 0.0)
+
+    def read_rows(self, data: Path | None) -> list[dict]:
+        """Prompt groups of the trajectories; restricted to (and given metadata from) ``data`` when given."""
+        rows = read_prompt_groups(self.trajectories, self.behaviour)
+        if data is None:
+            return rows
+        extra = {r["id"]: r for r in read_rows(data, required=("id",))}
+        payload = ("id",) + self.payload
+        return [{**{k: v for k, v in extra[r["id"]].items() if k not in payload and k not in ("prompt", "response")}, **r}
+                for r in rows if r["id"] in extra]
+
+    def make(self, tokenizer: Any, max_length: int) -> POPIObjective:
+        return POPIObjective(clip=self.popi_clip)

@@ -1,0 +1,90 @@
+"""Acceleration with statistics: smoothed accuracy curves, steps (or rollouts) to a target, and
+bootstrap intervals over seeds.
+
+A curve is a list of ``(step, rollouts, accuracy)`` evaluation points. "Reached" is decided on
+the curve smoothed by a trailing running mean over ``window`` evaluations, so one lucky
+evaluation cannot decide it. The target is the full-pool run's best smoothed accuracy; an
+arm's acceleration is (full pool's steps to the target) / (the arm's steps to the target), as
+the paper's step-level figure, and likewise on the rollouts axis (behaviour rollouts counted).
+An arm that never reaches the target within the budget has acceleration 0 in the statistics
+(a lower bound: it would need more steps than the budget).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+Curve = Sequence[tuple[int, int, float]]
+
+SMOOTH_WINDOW = 3
+BOOTSTRAP_SAMPLES = 10_000
+INTERVAL = 0.9
+AXES = {"steps": 0, "rollouts": 1}
+
+
+def smooth(curve: Curve, window: int = SMOOTH_WINDOW) -> list[tuple[int, int, float]]:
+    """The trailing running mean of the accuracies over ``window`` evaluations (fewer at the start)."""
+    accs = [a for _, _, a in curve]
+    return [(s, r, sum(accs[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)))
+            for i, (s, r, _) in enumerate(curve)]
+
+
+def first_reaching(curve: Curve, target: float, axis: str = "steps") -> int | None:
+    """The first step (or rollouts count) at which the curve is at or above ``target``."""
+    index = AXES[axis]
+    return next((point[index] for point in curve if point[2] >= target - 1e-12), None)
+
+
+def acceleration(full: Curve, method: Curve, window: int = SMOOTH_WINDOW, axis: str = "steps") -> dict:
+    """The full pool's best smoothed accuracy (the target), the steps (or rollouts) each run needs
+    to reach it on its smoothed curve, and their ratio (None when undefined or not reached)."""
+    full_s, method_s = smooth(full, window), smooth(method, window)
+    target = max(a for _, _, a in full_s)
+    full_at = first_reaching(full_s, target, axis)
+    method_at = first_reaching(method_s, target, axis)
+    ratio = full_at / method_at if full_at and method_at else None
+    return {"target_accuracy": target, "axis": axis, "full": full_at, "method": method_at, "acceleration": ratio}
+
+
+def as_statistic(result: dict) -> float | None:
+    """An acceleration as a number for statistics: the ratio, 0 when never reached, None when
+    undefined (the full pool's target is its starting point, or the arm started above it)."""
+    if result["method"] is None:
+        return 0.0
+    return result["acceleration"]
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def bootstrap_median(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, level: float = INTERVAL,
+                     seed: int = 0) -> dict:
+    """The median of ``values`` (e.g. per-seed accelerations) and a percentile bootstrap interval."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "low": None, "high": None, "n": 0}
+    rng = random.Random(seed)
+    medians = sorted(median([rng.choice(values) for _ in values]) for _ in range(samples))
+    lo = medians[int(math.floor((1 - level) / 2 * samples))]
+    hi = medians[min(samples - 1, int(math.ceil((1 + level) / 2 * samples)) - 1)]
+    return {"median": median(values), "low": lo, "high": hi, "n": len(values)}
+
+
+def describe(summary: dict, what: str = "steps") -> str:
+    """Words for a bootstrap summary of accelerations over seeds."""
+    if summary["median"] is None:
+        return "undefined on every seed"
+    m, lo, hi = summary["median"], summary["low"], summary["high"]
+    interval = f"{m:.2f}x (90% interval {lo:.2f}-{hi:.2f}x over {summary['n']} seeds)"
+    if lo > 1:
+        verdict = f"faster than the full pool in {what}"
+    elif hi < 1:
+        verdict = f"slower than the full pool in {what}"
+    else:
+        verdict = f"not distinguishable from the full pool in {what}"
+    return f"{interval}: {verdict}"
