@@ -1,12 +1,14 @@
-"""Several strategies under the same step budget and seed, and the step-level acceleration.
+"""Several strategies under the same budget and seed, and their acceleration over the full pool.
 
-Acceleration of a method (the paper's headline figure, 2.66x on a 1.5B model): the steps
-the full-pool run needs to first reach its best accuracy, divided by the steps the method
-needs to first reach that same accuracy. Accuracy is pass@1 averaged over the evaluation
-sets, read from each run's evaluation log: greedy by default, or ``sampled`` (the mean reward
-of the evaluation samples at the training temperature, what GRPO optimises). A method that
-never reaches it has no acceleration (reported as null), and one that starts at or above it is
-reported as "reached at step 0" (the ratio is then undefined too).
+Acceleration (the paper's headline figure, 2.66x on a 1.5B model): the steps the full-pool
+run needs to reach its best accuracy, divided by the steps the arm needs to reach that same
+accuracy; likewise on the rollouts axis (behaviour rollouts counted). Accuracy is pass@1
+averaged over the evaluation sets, read from each run's evaluation log: ``sampled`` by default
+(the mean reward of the evaluation samples at the training temperature, what GRPO optimises)
+or ``greedy``. "Reached" is decided on curves smoothed by a running mean over evaluations
+(:mod:`cropi.stats`), so one lucky evaluation cannot decide it. An arm that never reaches the
+target has no acceleration ("not reached"); one that starts at or above it, or a full pool
+whose best is its start, leaves the ratio undefined.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from sketchstore.atomic import write_text_atomic
 from .curriculum import Curriculum, CurriculumConfig
 from .engine import close_engine
 from .errors import BadConfigError
+from .plots import plot_arms
 from .run_dir import read_log
+from .stats import SMOOTH_WINDOW, acceleration, smooth
 from .trainer import start_engine
 
 BASELINE = "full"
@@ -41,59 +45,41 @@ def accuracy_curve(run_dir: Path, kind: str = "greedy") -> list[tuple[int, int, 
     return sorted(curve)
 
 
-def first_step_reaching(curve: Sequence[tuple[int, int, float]], target: float) -> int | None:
-    return next((step for step, _, acc in curve if acc >= target - 1e-12), None)
-
-
-def acceleration(full: Sequence[tuple[int, int, float]], method: Sequence[tuple[int, int, float]]) -> dict:
-    """The full-pool run's best accuracy, the steps each run needs to reach it, and the ratio."""
-    best = max(acc for _, _, acc in full)
-    full_steps = first_step_reaching(full, best)
-    method_steps = first_step_reaching(method, best)
-    ratio = full_steps / method_steps if method_steps and full_steps else None
-    return {"target_accuracy": best, "full_steps": full_steps, "method_steps": method_steps, "acceleration": ratio}
-
-
-def plot_comparison(path_prefix: Path, curves: dict[str, list[tuple[int, int, float]]],
-                    metric: str = "greedy") -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for index, label in ((0, "step"), (1, "rollouts consumed")):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, curve in curves.items():
-            ax.plot([c[index] for c in curve], [c[2] for c in curve], "o-", label=name, markersize=3)
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{metric} pass@1 (mean over eval sets)")
-        ax.legend()
-        ax.set_title(f"Accuracy vs {label}")
-        fig.tight_layout()
-        path = Path(f"{path_prefix}_vs_{'step' if index == 0 else 'rollouts'}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def describe_acceleration(acc: dict) -> str:
+    """Words for one :func:`cropi.stats.acceleration` result."""
+    unit = acc["axis"]
+    if not acc["full"]:
+        return "undefined (the full pool's best accuracy was its starting accuracy)"
+    if acc["method"] is None:
+        return "not reached (the arm never matched the full pool's best smoothed accuracy)"
+    if acc["method"] == 0:
+        return "undefined (the arm started at or above the full pool's best accuracy)"
+    return f"{acc['acceleration']:.2f}x ({acc['full']} vs {acc['method']} {unit})"
 
 
 def results_table(results: dict[str, dict]) -> str:
-    lines = ["| strategy | best acc | final acc | steps to full's best | acceleration | rollouts | minutes |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: each arm's accuracy and its acceleration over the full pool in steps and rollouts."""
+    lines = ["| arm | best acc (smoothed) | final acc | steps to target | acceleration (steps) | "
+             "rollouts to target | acceleration (rollouts) | rollouts | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(name: str, acc: dict) -> str:
+        if name == BASELINE:
+            return "-"
+        return "not reached" if acc["method"] is None else f"{acc['acceleration']:.2f}x" if acc["acceleration"] else "n/a"
+
     for name, r in results.items():
-        acc = r["acceleration"]
-        ratio = "-" if name == BASELINE else ("not reached" if acc["method_steps"] is None
-                                               else f"{acc['acceleration']:.2f}x" if acc["acceleration"] else "n/a")
-        lines.append(f"| {name} | {r['best_accuracy']:.3f} | {r['final_accuracy']:.3f} | "
-                     f"{acc['method_steps'] if acc['method_steps'] is not None else '-'} | {ratio} | "
+        steps, rollouts = r["acceleration"], r["acceleration_rollouts"]
+        lines.append(f"| {name} | {r['best_smoothed']:.3f} | {r['final_accuracy']:.3f} | "
+                     f"{steps['method'] if steps['method'] is not None else '-'} | {ratio(name, steps)} | "
+                     f"{rollouts['method'] if rollouts['method'] is not None else '-'} | {ratio(name, rollouts)} | "
                      f"{r['rollouts']} | {r['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
 def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
                    log: Callable[[str], None] = print, metric: str = DEFAULT_METRIC, engine: Any = None,
-                   variants: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+                   variants: Mapping[str, Mapping[str, Any]] | None = None,
+                   smooth_window: int = SMOOTH_WINDOW) -> dict:
     """Run each strategy (same seed, same stages and steps) under ``out/<strategy>``; report
     accuracy (``metric``: greedy or sampled pass@1) and acceleration over the full pool.
     ``variants`` adds arms named by their key, each ``base`` with those CurriculumConfig fields
@@ -129,9 +115,12 @@ def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
     finally:
         if own_engine:
             close_engine(engine)
-    for strategy in results:
-        results[strategy]["acceleration"] = acceleration(curves[BASELINE], curves[strategy])
-    plots = plot_comparison(out / "accuracy", curves, metric)
+    for strategy, r in results.items():
+        r["acceleration"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "steps")
+        r["acceleration_rollouts"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "rollouts")
+        r["best_smoothed"] = max(a for _, _, a in smooth(curves[strategy], smooth_window))
+    plots = [plot_arms(out / f"accuracy_vs_{axis}.png", {name: [c] for name, c in curves.items()}, axis,
+                       ylabel=f"{metric} pass@1") for axis in ("steps", "rollouts")]
     table = results_table(results)
     write_text_atomic(out / "results.md", table + "\n")
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))

@@ -34,14 +34,14 @@ from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, 
 from sketchstore.atomic import write_text_atomic
 from sketchstore.data import read_rows, write_rows
 from sketchstore.options import option
-from sketchstore.selection import FUSIONS, top_rows
+from sketchstore.selection import FUSIONS
 
 from .checks import check_choice, check_int
 from .errors import BadConfigError
 from .popi import POPIOptions
 from .rollout import RolloutConfig, run_rollouts
 from .run_dir import CKPT_DIR
-from .strategies import INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
+from .strategies import FILLS, INFLUENCE_STRATEGIES, STRATEGIES, count_for, influence_selection, static_selection
 from .tasks import read_tasks
 from .train_config import TrainConfig
 from .trainer import GRPOTrainer
@@ -71,12 +71,15 @@ class CurriculumConfig:
     val_prompts: int = option(DEFAULT_VAL_PROMPTS, "Validation prompts per set (the paper's N = 100).")
     spec: ProjectionSpec = option(default_factory=ProjectionSpec, help="Projection of the POPI sketches.")
     fusion: str = option("rrf", "How validation sets combine.", choices=FUSIONS)
+    fill: str = option("ties", "What fills an influence selection when fewer prompts align than the fraction asks "
+                               "for: ties (next by score), fewer (aligned only), learnable (top p(1-p)).", choices=FILLS)
 
     def __post_init__(self) -> None:
         self.pool = Path(self.pool)
         self.val_sets = {name: Path(p) for name, p in self.val_sets.items()}
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("fill", self.fill, FILLS)
         if not self.pool.is_file():
             raise BadConfigError(f"pool file not found: {self.pool}")
         if self.strategy in INFLUENCE_STRATEGIES and not self.val_sets:
@@ -107,19 +110,19 @@ def _save_state(out: Path, state: dict) -> None:
     write_text_atomic(out / STATE_NAME, json.dumps(state, indent=1, default=str))
 
 
-def describe_influence(stage: int, per_set: Mapping[SplitRef, Mapping[str, float]], chosen: Sequence[str]) -> str:
+def describe_influence(stage: int, best: Mapping[str, float], chosen: Sequence[str], fill: str) -> str:
     """One log line: how many pool prompts align with the validation gradient (best score over
-    validation sets > 0), how many have none (score 0: zero gradient), and how many of the
-    chosen align; when some chosen do not, the selection is partly arbitrary (ties by tie_key)."""
-    best = {i: max(scores[i] for scores in per_set.values()) for i in next(iter(per_set.values()))}
+    validation sets > 0), how many have none (score 0: zero gradient), how many of the chosen
+    align, and what filled the rest (``fill``)."""
     positive = sum(v > 0 for v in best.values())
     zero = sum(v == 0 for v in best.values())
     chosen_positive = sum(best[i] > 0 for i in chosen)
     line = (f"stage {stage}: influence > 0 for {positive} of {len(best)} pool prompts ({zero} with zero gradient); "
             f"{chosen_positive} of {len(chosen)} selected align")
     if chosen_positive < len(chosen):
-        line += (" -- warning: the rest are filled from zero or negative scores (ties in hash order); more behaviour "
-                 "samples (--popi-n) or an easier pool give more informative prompts")
+        filled = {"ties": "zero or negative scores (ties in hash order)", "learnable": "the most learnable "
+                  "unaligned prompts (p(1-p))", "fewer": "nothing"}[fill]
+        line += f" -- the rest are filled from {filled}"
     return line
 
 
@@ -190,8 +193,11 @@ class Curriculum:
         vals = [SplitRef(name, f"val-{n}") for n in self.val_files]
         score(store, train, vals, ScoreOptions(), progress=False)
         per_set = load_scores(store, train, vals)  # read once: for the selection and for its summary
-        chosen = [s.id for s in top_rows(fuse([per_set[v] for v in vals], c.fusion), c.fraction)]
-        self.log(describe_influence(stage, per_set, chosen))
+        fused = fuse([per_set[v] for v in vals], c.fusion)
+        best = {i: max(scores[i] for scores in per_set.values()) for i in fused}
+        rates = self.pass_rates(trajectories["pool"]) if c.fill == "learnable" else None
+        chosen = influence_selection(fused, best, c.fraction, c.fill, rates)
+        self.log(describe_influence(stage, best, chosen, c.fill))
         return chosen
 
     def stage_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path] | None) -> list[str]:

@@ -22,7 +22,7 @@ from sketchstore.data import write_rows
 from sketchstore.options import option
 from sketchstore.spec import DEFAULT_DIM
 
-from .compare import BASELINE, DEFAULT_METRIC, METRICS, run_comparison
+from .compare import BASELINE, DEFAULT_METRIC, METRICS, describe_acceleration, run_comparison
 from .curriculum import CurriculumConfig
 from .errors import BadConfigError
 from .strategies import STRATEGIES
@@ -104,17 +104,6 @@ def curriculum_config(config: DemoConfig, model: Path, files: dict[str, Path]) -
     return CurriculumConfig(train=train, pool=files["pool"], val_sets={"target": files["val"]}, strategy=BASELINE,
                             stages=config.stages, steps_per_stage=config.steps_per_stage, fraction=config.fraction,
                             popi_n=config.popi_n, val_prompts=config.val_size, spec=ProjectionSpec(dim=config.dim))
-
-
-def describe_acceleration(acc: dict) -> str:
-    """One phrase for an :func:`cropi.compare.acceleration` result."""
-    if acc["method_steps"] is None:
-        return "not reached (the method never matched the full pool's best accuracy)"
-    if not acc["full_steps"]:
-        return "undefined (the full pool's best accuracy was its starting accuracy)"
-    if acc["method_steps"] == 0:
-        return "undefined (the method started at or above the full pool's best accuracy)"
-    return f"{acc['acceleration']:.2f}x ({acc['full_steps']} vs {acc['method_steps']} steps)"
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:

@@ -10,6 +10,12 @@ Every strategy maps (pool ids, facts about them) to the ids of one stage:
 - ``pass-rate``: a seeded random fraction among prompts with 0 < p < 1 (all of them if fewer).
 - ``influence-once``: CROPI's influence selection made at stage 0 and kept (no curriculum).
 - ``cropi``: influence selection re-made at every stage at the current checkpoint.
+
+When fewer pool prompts align with the validation gradient (best score over validation sets
+> 0) than the fraction asks for, ``fill`` decides the rest of an influence selection:
+``ties`` takes the next by fused score (zero-gradient prompts, cosine 0, in hash order, then
+negative ones), ``fewer`` trains on the aligned prompts only, ``learnable`` tops up with the
+unaligned prompts of highest p(1 - p).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .errors import BadConfigError
 
 STRATEGIES = ("cropi", "full", "random", "learnability", "pass-rate", "influence-once")
 INFLUENCE_STRATEGIES = ("cropi", "influence-once")
+FILLS = ("ties", "fewer", "learnable")
 
 
 def count_for(fraction: float, total: int) -> int:
@@ -62,3 +69,24 @@ def static_selection(strategy: str, ids: Sequence[str], pass_rates: Mapping[str,
     if strategy == "pass-rate":
         return pass_rate_filter(ids, pass_rates, fraction, seed)
     raise BadConfigError(f"{strategy!r} is not a static strategy; choose one of {', '.join(STRATEGIES)}")
+
+
+def influence_selection(fused: Mapping[str, float], best: Mapping[str, float], fraction: float, fill: str,
+                        pass_rates: Mapping[str, float] | None = None) -> list[str]:
+    """The ids an influence selection trains on: the top ``fraction`` by ``fused`` score, with
+    ``fill`` deciding what follows the prompts that align (``best`` score > 0; see the module
+    docstring). ``pass_rates`` (behaviour) are needed by ``learnable``."""
+    if fill not in FILLS:
+        raise BadConfigError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+    want = count_for(fraction, len(fused))
+    order = ranked(fused)
+    aligned = [i for i in order if best[i] > 0]
+    if fill == "ties" or len(aligned) >= want or not aligned:
+        return order[:want]
+    if fill == "fewer":
+        return aligned
+    if pass_rates is None:
+        raise BadConfigError("fill 'learnable' needs the behaviour pass rates")
+    chosen = set(aligned)
+    rest = ranked({i: pass_rates[i] * (1 - pass_rates[i]) for i in fused if i not in chosen})
+    return aligned + rest[:want - len(aligned)]

@@ -4,42 +4,60 @@ from __future__ import annotations
 
 import pytest
 
-from cropi.compare import acceleration, first_step_reaching, results_table
-from cropi.demo import DemoConfig, describe_acceleration, write_demo_tasks
-from sketchstore.data import read_rows
+from cropi.compare import describe_acceleration, results_table
+from cropi.demo import DemoConfig, write_demo_tasks
 from cropi.errors import BadConfigError
+from cropi.stats import acceleration, as_statistic, bootstrap_median, describe, first_reaching, smooth
+from sketchstore.data import read_rows
 
 
 def curve(points):
     return [(step, step * 100, acc) for step, acc in points]
 
 
-def test_acceleration_ratio():
-    full = curve([(0, 0.10), (10, 0.20), (20, 0.30), (30, 0.28), (40, 0.30)])
-    fast = curve([(0, 0.10), (10, 0.31), (20, 0.29)])
+def test_acceleration_on_smoothed_curves():
+    full = curve([(0, 0.10), (10, 0.20), (20, 0.30), (30, 0.30), (40, 0.30)])
+    # smoothed (window 3): 0.10, 0.15, 0.20, 0.267, 0.30 -> target 0.30 at step 40
+    fast = curve([(0, 0.10), (10, 0.40), (20, 0.40), (30, 0.40)])  # smoothed 0.1, 0.25, 0.3, 0.4
     result = acceleration(full, fast)
-    assert result == {"target_accuracy": 0.30, "full_steps": 20, "method_steps": 10, "acceleration": 2.0}
-    slow = curve([(0, 0.10), (40, 0.25)])
-    assert acceleration(full, slow)["method_steps"] is None and acceleration(full, slow)["acceleration"] is None
-    assert first_step_reaching(full, 0.2) == 10
+    assert result["target_accuracy"] == pytest.approx(0.30) and result["full"] == 40 and result["method"] == 20
+    assert result["acceleration"] == pytest.approx(2.0)
+    lucky = curve([(0, 0.10), (10, 0.10), (20, 0.10), (30, 0.50), (40, 0.10)])  # one lucky evaluation
+    assert acceleration(full, lucky)["method"] is None  # smoothed 0.1, 0.1, 0.1, 0.233, 0.233: never 0.30
+    assert acceleration(full, lucky, window=1)["method"] == 30  # unsmoothed, the lucky point decides
+    on_rollouts = acceleration(full, curve([(0, 0.10), (20, 0.40), (40, 0.40)]), axis="rollouts")
+    assert on_rollouts["full"] == 4000 and on_rollouts["method"] == 4000 and on_rollouts["acceleration"] == 1.0
+    assert first_reaching(smooth(full), 0.2) == 20
+
+
+def test_bootstrap_median_and_words():
+    summary = bootstrap_median([2.0, 2.5, 3.0, 1.8, 2.2])
+    assert summary["median"] == 2.2 and summary["n"] == 5 and 1.8 <= summary["low"] <= 2.2 <= summary["high"] <= 3.0
+    assert "faster than the full pool" in describe(summary)
+    assert "not distinguishable" in describe(bootstrap_median([0.0, 2.0, 1.0, 0.5, 3.0]))
+    assert "slower" in describe(bootstrap_median([0.5, 0.6, 0.4, 0.7, 0.5]))
+    assert as_statistic({"method": None, "acceleration": None}) == 0.0
+    assert describe(bootstrap_median([None, None])) == "undefined on every seed"
+
+
+def _results(full, other):
+    def arm(c):
+        return {"best_smoothed": max(a for _, _, a in smooth(c)), "final_accuracy": c[-1][2], "rollouts": 10,
+                "seconds": 60, "acceleration": acceleration(full, c), "acceleration_rollouts": acceleration(
+                    full, c, axis="rollouts")}
+    return {"full": arm(full), "random": arm(other)}
 
 
 def test_results_table_marks_unreached():
     full = curve([(0, 0.1), (10, 0.3)])
-    results = {
-        "full": {"best_accuracy": 0.3, "final_accuracy": 0.3, "rollouts": 10, "seconds": 60,
-                 "acceleration": acceleration(full, full)},
-        "random": {"best_accuracy": 0.2, "final_accuracy": 0.2, "rollouts": 10, "seconds": 60,
-                   "acceleration": acceleration(full, curve([(0, 0.1), (10, 0.2)]))},
-    }
-    table = results_table(results)
-    assert "| random | 0.200 | 0.200 | - | not reached |" in table
-    assert "| full | 0.300 | 0.300 | 10 | - |" in table
+    table = results_table(_results(full, curve([(0, 0.1), (10, 0.2)])))
+    assert "| random | 0.150 | 0.200 | - | not reached | - | not reached |" in table
+    assert "| full | 0.200 | 0.300 | 10 | - | 1000 | - |" in table
 
 
 def test_acceleration_phrases():
-    full = curve([(0, 0.1), (10, 0.3)])
-    assert describe_acceleration(acceleration(full, curve([(0, 0.1), (5, 0.3)]))) == "2.00x (10 vs 5 steps)"
+    full = curve([(0, 0.1), (10, 0.3), (20, 0.3)])
+    assert describe_acceleration(acceleration(full, curve([(0, 0.1), (5, 0.3), (10, 0.5)]))) == "2.00x (20 vs 10 steps)"
     assert describe_acceleration(acceleration(full, curve([(0, 0.1), (5, 0.2)]))).startswith("not reached")
     assert "started at or above" in describe_acceleration(acceleration(full, curve([(0, 0.4)])))
     assert "its starting accuracy" in describe_acceleration(acceleration(curve([(0, 0.3), (5, 0.2)]), full))

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from cropi.strategies import count_for, learnability, pass_rate_filter, random_subset, static_selection
 from cropi.errors import BadConfigError
+from cropi.strategies import (
+    count_for,
+    influence_selection,
+    learnability,
+    pass_rate_filter,
+    random_subset,
+    static_selection,
+)
 
 IDS = [f"p{i:02d}" for i in range(40)]
 RATES = {i: (n % 5) / 4 for n, i in enumerate(IDS)}  # 0, .25, .5, .75, 1 repeating
@@ -41,3 +48,21 @@ def test_static_selection_dispatch_and_errors():
         static_selection("learnability", IDS, {}, 0.1, 0)
     with pytest.raises(BadConfigError, match="not a static strategy"):
         static_selection("cropi", IDS, RATES, 0.1, 0)
+
+
+def test_influence_selection_fills():
+    ids = [f"p{i:02d}" for i in range(10)]
+    best = {i: (0.5 - 0.1 * k if k < 3 else (0.0 if k < 8 else -0.2)) for k, i in enumerate(ids)}  # 3 aligned
+    fused = dict(best)
+    rates = {i: 0.0 for i in ids} | {"p05": 0.5, "p09": 0.4}
+    assert influence_selection(fused, best, 0.2, "ties") == ["p00", "p01"]  # enough aligned: fill unused
+    ties = influence_selection(fused, best, 0.5, "ties")
+    assert ties[:3] == ["p00", "p01", "p02"] and len(ties) == 5 and set(ties[3:]) <= {f"p0{k}" for k in range(3, 8)}
+    assert influence_selection(fused, best, 0.5, "fewer") == ["p00", "p01", "p02"]
+    assert influence_selection(fused, best, 0.5, "learnable", rates) == ["p00", "p01", "p02", "p05", "p09"]
+    none = {i: 0.0 for i in ids}
+    assert len(influence_selection(none, none, 0.3, "fewer")) == 3  # nothing aligns: the fused order
+    with pytest.raises(BadConfigError, match="needs the behaviour pass rates"):
+        influence_selection(fused, best, 0.5, "learnable")
+    with pytest.raises(BadConfigError, match="unknown fill"):
+        influence_selection(fused, best, 0.5, "more")
