@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .rewards import RewardStats, get_reward
 from .sampler import derive_seed
+from .stats import sampling_error, standard_error
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,23 @@ class Evaluator:
         text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
         return float(self._reward_fn(text, row["answer"], stats=self.reward_stats))
 
-    def evaluate(self, engine) -> dict[str, dict[str, float]]:
-        """``{"greedy": {set: acc}, "sampled": {set: acc}, "n": {set: prompts}}``."""
+    def evaluate(self, engine) -> dict[str, dict]:
+        """``{"greedy": {set: acc}, "sampled": {set: acc}, "n": {set: prompts}, "se": {"greedy": {set: se},
+        "sampled": {set: se}}, "se_sampling": {set: se}}``: ``se`` over prompts
+        (:func:`cropi.stats.standard_error`), ``se_sampling`` of sampled pass@1 on these prompts
+        (:func:`cropi.stats.sampling_error`)."""
         from vllm import SamplingParams
 
         s = self.settings
-        out: dict[str, dict[str, float]] = {"greedy": {}, "sampled": {}, "n": {}}
+        out: dict[str, dict] = {"greedy": {}, "sampled": {}, "n": {}, "se": {"greedy": {}, "sampled": {}},
+                                "se_sampling": {}}
         for name, rows in self.eval_sets.items():
             prompts = [{"prompt_token_ids": self.encode(r)} for r in rows]
             greedy = SamplingParams(temperature=0.0, max_tokens=s.max_tokens, detokenize=False)
             outs = engine.generate(prompts, greedy, use_tqdm=False)
             scores = [self.score(o.outputs[0].token_ids, r) for o, r in zip(outs, rows)]
             out["greedy"][name] = sum(scores) / len(scores)
+            out["se"]["greedy"][name] = standard_error(scores)
             out["n"][name] = len(rows)
             if s.samples > 0:
                 params = [SamplingParams(n=s.samples, temperature=s.temperature, max_tokens=s.max_tokens,
@@ -61,4 +67,6 @@ class Evaluator:
                 per_prompt = [sum(self.score(x.token_ids, r) for x in o.outputs) / len(o.outputs)
                               for o, r in zip(outs, rows)]
                 out["sampled"][name] = sum(per_prompt) / len(per_prompt)
+                out["se"]["sampled"][name] = standard_error(per_prompt)
+                out["se_sampling"][name] = sampling_error(per_prompt, s.samples)
         return out

@@ -24,6 +24,29 @@ INTERVAL = 0.9
 AXES = {"steps": 0, "rollouts": 1}
 
 
+def standard_error(per_prompt: Sequence[float]) -> float | None:
+    """Standard error of an evaluation's pass@1 (the mean of per-prompt scores, a prompt's score
+    being the mean reward of its samples): sample std (ddof 1) / sqrt(prompts). Prompts are the
+    independent units, so it covers prompt-to-prompt and sampling variation alike. None for
+    fewer than 2 prompts."""
+    n = len(per_prompt)
+    if n < 2:
+        return None
+    mean = sum(per_prompt) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in per_prompt) / (n - 1) / n)
+
+
+def sampling_error(per_prompt: Sequence[float], samples: int) -> float | None:
+    """Standard error of pass@1 on a fixed set of prompts, from sampling alone (what differs
+    between two evaluations of one policy on the same set): sqrt(sum_i s_i^2 / m) / N, with
+    s_i^2 = m/(m-1) p_i (1 - p_i) the unbiased variance of prompt i's m 0/1 samples."""
+    n = len(per_prompt)
+    if n == 0 or samples < 2:
+        return None
+    var = sum(samples / (samples - 1) * p * (1 - p) for p in per_prompt) / samples
+    return math.sqrt(var) / n
+
+
 def smooth(curve: Curve, window: int = SMOOTH_WINDOW) -> list[tuple[int, int, float]]:
     """The trailing running mean of the accuracies over ``window`` evaluations (fewer at the start)."""
     accs = [a for _, _, a in curve]

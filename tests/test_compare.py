@@ -7,7 +7,16 @@ import pytest
 from cropi.compare import describe_acceleration, results_table
 from cropi.demo import DemoConfig, write_demo_tasks
 from cropi.errors import BadConfigError
-from cropi.stats import acceleration, as_statistic, bootstrap_median, describe, first_reaching, smooth
+from cropi.stats import (
+    acceleration,
+    as_statistic,
+    bootstrap_median,
+    describe,
+    first_reaching,
+    sampling_error,
+    smooth,
+    standard_error,
+)
 from sketchstore.data import read_rows
 
 
@@ -85,3 +94,12 @@ def test_demo_instruction_is_appended_to_every_prompt(tmp_path):
         before, after = read_rows(plain[name]), read_rows(told[name])
         assert [r["prompt"] + " End with 'The answer is N.'" for r in before] == [r["prompt"] for r in after]
         assert [r["answer"] for r in before] == [r["answer"] for r in after]
+
+
+def test_standard_errors():
+    assert standard_error([1.0]) is None
+    assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx((1 / 3) ** 0.5 / 2)  # std 0.577 / sqrt(4)
+    # 512 prompts at p = 0.5 with 4 samples each: sampling alone gives ~0.0128 (4/3 * 0.25 / 4 per prompt)
+    assert sampling_error([0.5] * 512, 4) == pytest.approx(((4 / 3) * 0.25 / 4) ** 0.5 / 512 ** 0.5)
+    assert sampling_error([0.0, 1.0], 4) == 0.0  # all-or-nothing prompts: no sampling noise
+    assert sampling_error([0.5], 1) is None
