@@ -238,9 +238,11 @@ class Curriculum:
             self.trainer.save_checkpoint(f"stage{stage + 1}")
             self.state["stages_done"] = stage + 1
             self.state["config"] = {k: v for k, v in asdict(c).items() if k != "train"}
+            self.state["seconds"] = self.state.get("seconds", 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
             _save_state(self.out, self.state)
         return {"strategy": c.strategy, "steps": self.trainer.step, "rollouts": self.trainer.rollouts,
-                "seconds": time.perf_counter() - start}
+                "seconds": self.state.get("seconds", 0.0)}
 
     def close(self) -> None:
         self.trainer.close()

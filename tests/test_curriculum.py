@@ -72,7 +72,25 @@ def _check(model: str, out: str) -> dict:
     facts["resumed_from_step"] = curriculum.trainer.step
     facts["extended"] = curriculum.run()
     facts["extended_log"] = [r for r in read_log(out / "cropi" / "train") if r["type"] == "step"]
+    engine = curriculum.trainer.engine
+    curriculum.trainer._owns_engine = False  # the study below reuses it
     curriculum.close()
+
+    # A small study: two seeds of one setting, each its own pool; then run again (resumes, trains nothing).
+    from cropi.study import run_study
+
+    def base_for(setting: str, seed: int, run_out: Path) -> CurriculumConfig:
+        seed_pool = write_rows(generate_tasks(POOL, seed=30 + seed, difficulty=[1, 2]), run_out / "pool.jsonl")
+        return replace(base, pool=seed_pool, stages=1, steps_per_stage=1,
+                       train=replace(train, out=run_out / "full" / "train", seed=seed, eval_every=1))
+
+    study = run_study(out / "study", ["mini"], [0, 1], ["random"], base_for, engine=engine, log=logs.append)
+    again = run_study(out / "study", ["mini"], [0, 1], ["random"], base_for, engine=engine, log=logs.append)
+    facts["study"] = {"summary": study.summary, "table": study.table, "plots": study.plots,
+                      "again_equal": again.summary == study.summary}
+    from cropi.engine import close_engine
+
+    close_engine(engine)
     return facts
 
 
@@ -94,7 +112,7 @@ def test_every_arm_trains_the_same_budget(comparison):
         assert [c[0] for c in r["curve"]] == [0, STEPS, 2 * STEPS], name
         assert all(0.0 <= c[2] <= 1.0 for c in r["curve"])
         assert (out / name / "train" / "checkpoints" / f"stage{STAGES}").is_dir()
-    assert results["full"]["acceleration"]["full_steps"] is not None
+    assert results["full"]["acceleration"]["full"] is not None
     assert all(Path(p).is_file() for p in facts["plots"])
     assert (out / "results.md").read_text().count("|") > 10
 
@@ -155,3 +173,19 @@ if __name__ == "__main__":
         print(json.dumps(_check(sys.argv[2], sys.argv[3]), default=str))
     else:
         sys.exit("usage: test_curriculum.py check MODEL OUT")
+
+
+def test_study_summarises_seeds_and_resumes(comparison):
+    out, facts = comparison
+    study = facts["study"]
+    summary = study["summary"]["mini"]
+    assert sorted(summary) == ["full", "random"]
+    for arm in ("full", "random"):
+        assert summary[arm]["seeds"] == [0, 1]
+        for axis in ("steps", "rollouts"):
+            stat = summary[arm][axis]
+            assert len(stat["per_seed"]) == 2 and stat["n"] <= 2
+    assert "| mini | random |" in study["table"] and all(Path(p).is_file() for p in study["plots"])
+    assert json.loads((out / "study" / "study.json").read_text())["settings"] == ["mini"]
+    assert (out / "study" / "mini" / "seed1" / "random" / "train" / "checkpoints" / "stage1").is_dir()
+    assert study["again_equal"]  # re-running the study read every arm back: same statistics
