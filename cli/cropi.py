@@ -145,11 +145,11 @@ def compare_cmd(strategies, metric, out, val_sets, eval_sets, **values) -> None:
 
 
 @main.command("demo")
-@options_from(DemoConfig, only=("out", "model_cache", "strategies", "stages", "steps_per_stage", "fraction", "seed",
-                                "device"))
+@options_from(DemoConfig, only=("out", "model_cache", "strategies", "setting", "seed", "stages", "steps_per_stage",
+                                "fraction", "fill", "device"))
 @one_line_errors
 def demo_cmd(**values) -> None:
-    """CROPI vs full-pool GRPO vs a random subset on the embedded policy; prints the acceleration."""
+    """Influence-guided selection vs the full pool and the heuristics on the RL testbed; prints the accelerations."""
     from cropi.demo import run_demo
 
     run_demo(take(DemoConfig, values), log=click.echo)

@@ -1,8 +1,8 @@
 """Several strategies under the same budget and seed, and their acceleration over the full pool.
 
 Acceleration (the paper's headline figure, 2.66x on a 1.5B model): the steps the full-pool
-run needs to reach its best accuracy, divided by the steps the arm needs to reach that same
-accuracy; likewise on the rollouts axis (behaviour rollouts counted). Accuracy is pass@1
+run needs to reach a target accuracy, divided by the steps the arm needs to reach it (target:
+90% of the full pool's gain by default, its best with ``target_share=1``, see cropi.stats); likewise on the rollouts axis (behaviour rollouts counted). Accuracy is pass@1
 averaged over the evaluation sets, read from each run's evaluation log: ``sampled`` by default
 (the mean reward of the evaluation samples at the training temperature, what GRPO optimises)
 or ``greedy``. "Reached" is decided on curves smoothed by a running mean over evaluations
@@ -25,7 +25,7 @@ from .engine import close_engine
 from .errors import BadConfigError
 from .plots import plot_arms
 from .run_dir import read_log
-from .stats import SMOOTH_WINDOW, acceleration, smooth
+from .stats import SMOOTH_WINDOW, TARGET_SHARE, acceleration, smooth
 from .trainer import start_engine
 
 BASELINE = "full"
@@ -50,7 +50,7 @@ def describe_acceleration(acc: dict) -> str:
     if not acc["full"]:
         return "undefined (the full pool's best accuracy was its starting accuracy)"
     if acc["method"] is None:
-        return "not reached (the arm never matched the full pool's best smoothed accuracy)"
+        return "not reached (the arm's smoothed accuracy never reached the target)"
     if acc["method"] == 0:
         return "undefined (the arm started at or above the full pool's best accuracy)"
     return f"{acc['acceleration']:.2f}x ({acc['full']} vs {acc['method']} {unit})"
@@ -78,7 +78,7 @@ def results_table(results: dict[str, dict]) -> str:
 def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
                    log: Callable[[str], None] = print, metric: str = DEFAULT_METRIC, engine: Any = None,
                    variants: Mapping[str, Mapping[str, Any]] | None = None,
-                   smooth_window: int = SMOOTH_WINDOW) -> dict:
+                   smooth_window: int = SMOOTH_WINDOW, target_share: float = TARGET_SHARE) -> dict:
     """Run each strategy (same seed, same stages and steps) under ``out/<strategy>``; report
     accuracy (``metric``: greedy or sampled pass@1) and acceleration over the full pool.
     ``variants`` adds arms named by their key, each ``base`` with those CurriculumConfig fields
@@ -114,8 +114,9 @@ def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
         if own_engine:
             close_engine(engine)
     for strategy, r in results.items():
-        r["acceleration"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "steps")
-        r["acceleration_rollouts"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "rollouts")
+        r["acceleration"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "steps", target_share)
+        r["acceleration_rollouts"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "rollouts",
+                                                  target_share)
         r["best_smoothed"] = max(a for _, _, a in smooth(curves[strategy], smooth_window))
     plots = [plot_arms(out / f"accuracy_vs_{axis}.png", {name: [c] for name, c in curves.items()}, axis,
                        ylabel=f"{metric} pass@1") for axis in ("steps", "rollouts")]

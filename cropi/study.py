@@ -27,7 +27,7 @@ from sketchstore.atomic import write_text_atomic
 from .compare import BASELINE, run_comparison
 from .curriculum import CurriculumConfig
 from .plots import plot_arms
-from .stats import SMOOTH_WINDOW, as_statistic, bootstrap_median, describe, smooth
+from .stats import SMOOTH_WINDOW, TARGET_SHARE, as_statistic, bootstrap_median, describe, smooth
 
 # (setting, seed, its output directory) -> the comparison's base configuration (files, GRPO settings)
 BaseFor = Callable[[str, int, Path], CurriculumConfig]
@@ -90,7 +90,8 @@ def verdicts(summary: Mapping[str, Mapping[str, dict]]) -> list[str]:
 
 def run_study(out: str | Path, settings: Sequence[str], seeds: Sequence[int], strategies: Sequence[str],
               base_for: BaseFor, variants: Mapping[str, Mapping[str, Any]] | None = None, metric: str = "sampled",
-              engine: Any = None, log: Callable[[str], None] = print, window: int = SMOOTH_WINDOW) -> StudyResult:
+              engine: Any = None, log: Callable[[str], None] = print, window: int = SMOOTH_WINDOW,
+              target_share: float = TARGET_SHARE) -> StudyResult:
     """Run (or resume) every comparison, then write ``study.json``, ``study.md`` and the plots under ``out``."""
     out = Path(out)
     per_setting: dict[str, dict[int, dict]] = {}
@@ -100,7 +101,8 @@ def run_study(out: str | Path, settings: Sequence[str], seeds: Sequence[int], st
             run_out = out / setting / f"seed{seed}"
             log(f"=== {setting}, seed {seed}")
             result = run_comparison(base_for(setting, seed, run_out), strategies, run_out, log=log, metric=metric,
-                                    engine=engine, variants=variants, smooth_window=window)
+                                    engine=engine, variants=variants, smooth_window=window,
+                                    target_share=target_share)
             per_setting[setting][seed] = result["results"]
     summary = {setting: summarise(per_seed, window) for setting, per_seed in per_setting.items()}
     plots = []
@@ -114,6 +116,7 @@ def run_study(out: str | Path, settings: Sequence[str], seeds: Sequence[int], st
     words = verdicts(summary)
     write_text_atomic(out / "study.json", json.dumps({"summary": summary, "verdicts": words, "seeds": list(seeds),
                                                       "settings": list(settings), "metric": metric,
-                                                      "smooth_window": window}, indent=1))
+                                                      "smooth_window": window, "target_share": target_share},
+                                                     indent=1))
     write_text_atomic(out / "study.md", table + "\n\n" + "\n".join(f"- {w}" for w in words) + "\n")
     return StudyResult(summary=summary, table=table, plots=plots)

@@ -55,8 +55,10 @@ __all__ = [
     "sft_loss",
     "greedy_generate",
     "evaluate_greedy",
+    "sft_train",
     "warm_start",
     "ensure_warm_model",
+    "build_cached",
 ]
 
 PAD_TOKEN = "<|pad|>"
@@ -383,6 +385,33 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
+def sft_train(model, data: Sequence[tuple[list[int], list[int]]], pad_id: int, steps: int, batch_size: int,
+              lr: float, weight_decay: float, log: Callable[[str], None] | None = None,
+              log_every: int = 50) -> list[float]:
+    """``steps`` AdamW updates of ``model`` on consecutive batches of :func:`encode_sft` pairs
+    (warmup + cosine learning rate, gradient norm clipped to 1, no weight decay on vectors);
+    returns the loss of every step."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        batch = _collate(data[step * batch_size : (step + 1) * batch_size], pad_id)
+        loss = sft_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log and (step % log_every == 0 or step == steps - 1):
+            log(f"warm_start step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f}s)")
+    return losses
+
+
 def warm_start(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -421,25 +450,8 @@ def warm_start(
         data = encode_sft(tok, rows)
         if bucket:
             data = _bucketed(data, batch_size, seed)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-        losses: list[float] = []
         t0, c0 = time.perf_counter(), time.process_time()
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr)
-            batch = _collate(data[step * batch_size : (step + 1) * batch_size], tok.pad_token_id)
-            loss = sft_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            if log and (step % log_every == 0 or step == steps - 1):
-                log(f"warm_start step {step + 1}/{steps} loss {losses[-1]:.4f} "
-                    f"({time.perf_counter() - t0:.1f}s)")
+        losses = sft_train(model, data, tok.pad_token_id, steps, batch_size, lr, weight_decay, log, log_every)
         train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
         model.eval()
         record = {
@@ -503,10 +515,28 @@ def ensure_warm_model(
     sibling directory and renamed into place on success: a crash never leaves a
     half-written model under the final name. Its ``warm_start.json`` has the accuracy.
     """
-    cache = Path(cache_dir)
-    final = cache / warm_cache_key(size, seed, **warm_kwargs)
-    if (final / "warm_start.json").is_file():
+    final = Path(cache_dir) / warm_cache_key(size, seed, **warm_kwargs)
+
+    def build(model_dir: Path, scratch: Path) -> None:
+        build_tiny_model(scratch, size=size, seed=seed)
+        if log:
+            log(f"training warm-start policy ({size}) into {final}")
+        warm_start(scratch, model_dir, seed=seed, log=log, **warm_kwargs)
+
+    return build_cached(final, build)
+
+
+def build_cached(final: str | os.PathLike, build: Callable[[Path, Path], None],
+                 marker: str = "warm_start.json") -> Path:
+    """``final`` when it holds ``marker``; otherwise ``build(model_dir, scratch)`` writes the
+    model into a temporary sibling directory (``scratch``: an empty directory for
+    intermediate files), which is renamed to ``final`` on success. A crash never leaves a
+    half-written model under the final name; temporary directories of killed runs older than
+    :data:`STALE_TMP_S` are removed; when another process finished first, its model wins."""
+    final = Path(final)
+    if (final / marker).is_file():
         return final
+    cache = final.parent
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob(f".{final.name}.*"):  # left by a killed run (SIGKILL skips cleanup)
         try:
@@ -514,10 +544,6 @@ def ensure_warm_model(
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
-    # on_exists="keep": another process that finished the same model first wins
-    with atomic_dir(final, on_exists="keep") as model_dir, tempfile.TemporaryDirectory(dir=cache) as init_dir:
-        build_tiny_model(init_dir, size=size, seed=seed)
-        if log:
-            log(f"training warm-start policy ({size}) into {final}")
-        warm_start(init_dir, model_dir, seed=seed, log=log, **warm_kwargs)
+    with atomic_dir(final, on_exists="keep") as model_dir, tempfile.TemporaryDirectory(dir=cache) as scratch:
+        build(Path(model_dir), Path(scratch))
     return final

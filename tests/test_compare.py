@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cropi.compare import describe_acceleration, results_table
-from cropi.demo import DemoConfig, write_demo_tasks
+from cropi.demo import DemoConfig, comparison_base
 from cropi.errors import BadConfigError
 from cropi.stats import (
     acceleration,
@@ -28,13 +28,15 @@ def test_acceleration_on_smoothed_curves():
     full = curve([(0, 0.10), (10, 0.20), (20, 0.30), (30, 0.30), (40, 0.30)])
     # smoothed (window 3): 0.10, 0.15, 0.20, 0.267, 0.30 -> target 0.30 at step 40
     fast = curve([(0, 0.10), (10, 0.40), (20, 0.40), (30, 0.40)])  # smoothed 0.1, 0.25, 0.3, 0.4
-    result = acceleration(full, fast)
+    result = acceleration(full, fast, share=1.0)  # the paper's target: the full pool's best
     assert result["target_accuracy"] == pytest.approx(0.30) and result["full"] == 40 and result["method"] == 20
     assert result["acceleration"] == pytest.approx(2.0)
+    ninety = acceleration(full, fast)  # default: 90% of the full pool's gain, 0.10 + 0.9 * 0.20 = 0.28
+    assert ninety["target_accuracy"] == pytest.approx(0.28) and ninety["full"] == 40 and ninety["method"] == 20
     lucky = curve([(0, 0.10), (10, 0.10), (20, 0.10), (30, 0.50), (40, 0.10)])  # one lucky evaluation
-    assert acceleration(full, lucky)["method"] is None  # smoothed 0.1, 0.1, 0.1, 0.233, 0.233: never 0.30
+    assert acceleration(full, lucky)["method"] is None  # smoothed 0.1, 0.1, 0.1, 0.233, 0.233: never 0.28
     assert acceleration(full, lucky, window=1)["method"] == 30  # unsmoothed, the lucky point decides
-    on_rollouts = acceleration(full, curve([(0, 0.10), (20, 0.40), (40, 0.40)]), axis="rollouts")
+    on_rollouts = acceleration(full, curve([(0, 0.10), (20, 0.40), (40, 0.40)]), axis="rollouts", share=1.0)
     assert on_rollouts["full"] == 4000 and on_rollouts["method"] == 4000 and on_rollouts["acceleration"] == 1.0
     assert first_reaching(smooth(full), 0.2) == 20
 
@@ -72,28 +74,22 @@ def test_acceleration_phrases():
     assert "its starting accuracy" in describe_acceleration(acceleration(curve([(0, 0.3), (5, 0.2)]), full))
 
 
-def test_demo_tasks_follow_levels_and_config_is_checked(tmp_path):
-    config = DemoConfig(out=tmp_path, pool_size=40, val_size=8, eval_size=12, pool_levels=(1, 3), target_levels=(2,))
-    files = write_demo_tasks(config)
-    rows = {name: read_rows(path) for name, path in files.items()}
+def test_demo_base_uses_the_testbed_and_config_is_checked(tmp_path):
+    config = DemoConfig(out=tmp_path, pool_size=40, val_size=8, eval_size=12)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    base = comparison_base(config, tmp_path / "model", "targeted", 3, tmp_path / "run")
+    rows = {name: read_rows(path) for name, path in (("pool", base.pool), ("val", base.val_sets["target"]),
+                                                     ("eval", base.train.eval_sets["target"]))}
     assert [len(rows[n]) for n in ("pool", "val", "eval")] == [40, 8, 12]
-    assert {r["difficulty"] for r in rows["pool"]} == {1, 3}
-    assert {r["difficulty"] for r in rows["val"] + rows["eval"]} == {2}
-    assert not {r["id"] for r in rows["val"]} & {r["id"] for r in rows["eval"]}
+    assert {r["role"] for r in rows["val"] + rows["eval"]} == {"target"}
+    assert len({r["role"] for r in rows["pool"]}) > 1 and base.train.seed == 3
+    assert not {r["prompt"] for r in rows["eval"]} & {r["prompt"] for r in rows["pool"] + rows["val"]}
     for bad, message in ((dict(strategies=("cropi", "best")), "unknown strategy 'best'"),
-                         (dict(metric="pass@8"), "unknown accuracy metric"), (dict(pool_size=0), "pool_size")):
+                         (dict(metric="pass@8"), "metric must be one of"), (dict(pool_size=0), "pool_size"),
+                         (dict(setting="other"), "setting must be one of")):
         with pytest.raises(BadConfigError, match=message):
             DemoConfig(out=tmp_path, **bad)
-
-
-def test_demo_instruction_is_appended_to_every_prompt(tmp_path):
-    plain = write_demo_tasks(DemoConfig(out=tmp_path / "plain", pool_size=6, val_size=2, eval_size=3))
-    told = write_demo_tasks(DemoConfig(out=tmp_path / "told", pool_size=6, val_size=2, eval_size=3,
-                                       instruction="End with 'The answer is N.'"))
-    for name in ("pool", "val", "eval"):
-        before, after = read_rows(plain[name]), read_rows(told[name])
-        assert [r["prompt"] + " End with 'The answer is N.'" for r in before] == [r["prompt"] for r in after]
-        assert [r["answer"] for r in before] == [r["answer"] for r in after]
 
 
 def test_standard_errors():
