@@ -56,7 +56,7 @@ class DemoConfig:
     n: int = option(8, "Samples per prompt in GRPO steps.")
     max_tokens: int = option(24, "Response token limit.")
     temperature: float = option(1.0, "Sampling temperature.")
-    lr: float = option(1e-3, "Learning rate (the tiny testbed policy).")
+    lr: float = option(5e-4, "Learning rate (the tiny testbed policy; measured: 1e-3 saturates within 10-20 steps).")
     eval_every: int = option(5, "Steps between evaluations.")
     eval_samples: int = option(4, "Samples per evaluation prompt.")
     metric: str = option(DEFAULT_METRIC, "Accuracy behind the acceleration.", choices=METRICS)

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from sketchstore.data import write_rows
+from sketchstore.options import option
 from sketchstore.seeds import stable_seed
 
 from .errors import BadConfigError
@@ -66,12 +67,11 @@ MAX_DRAWS_PER_ROW = 50
 class FamilySpec:
     """One task family of the testbed and how it enters the warm start and the pool."""
 
-    name: str = field(metadata={"help": "a family of cropi.families"})
-    role: str = field(metadata={"help": f"one of {', '.join(ROLES)}"})
-    label_accuracy: float = field(default=1.0, metadata={
-        "help": "fraction of warm-start references that use the right procedure (the rest use the wrong one)"})
-    weight: float = field(default=1.0, metadata={"help": "relative share of the pool, warm start and untargeted sets"})
-    levels: tuple[int, ...] = field(default=FAMILY_LEVELS, metadata={"help": "levels drawn uniformly"})
+    name: str = option(help="a family of cropi.families")
+    role: str = option(help=f"one of {', '.join(ROLES)}")
+    label_accuracy: float = option(1.0, "fraction of warm-start references that use the right procedure (the rest use the wrong one)")
+    weight: float = option(1.0, "relative share of the pool, warm start and untargeted sets")
+    levels: tuple[int, ...] = option(FAMILY_LEVELS, "levels drawn uniformly")
 
     def __post_init__(self) -> None:
         if self.name not in FAMILY_GENERATORS:
@@ -108,12 +108,12 @@ DEFAULT_FAMILIES: tuple[FamilySpec, ...] = (
 class TestbedConfig:
     """Which sets to generate: setting, sizes, the generator seed and the family mixture."""
 
-    setting: str = field(default="targeted", metadata={"help": f"one of {', '.join(SETTINGS)}"})
-    pool_size: int = field(default=400, metadata={"help": "prompts in the RL pool"})
-    val_size: int = field(default=64, metadata={"help": "prompts in the validation set (the selection's target)"})
-    eval_size: int = field(default=512, metadata={"help": "held-out evaluation prompts (512 x 4 samples: SE <= 0.01)"})
-    seed: int = field(default=0, metadata={"help": "generator seed of the three sets"})
-    families: tuple[FamilySpec, ...] = field(default=DEFAULT_FAMILIES, metadata={"help": "the family mixture"})
+    setting: str = option("targeted", f"one of {', '.join(SETTINGS)}")
+    pool_size: int = option(400, "prompts in the RL pool")
+    val_size: int = option(64, "prompts in the validation set (the selection's target)")
+    eval_size: int = option(512, "held-out evaluation prompts (512 x 4 samples: SE <= 0.01)")
+    seed: int = option(0, "generator seed of the three sets")
+    families: tuple[FamilySpec, ...] = option(DEFAULT_FAMILIES, "the family mixture")
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ import torch
 
 from sketchstore.atomic import write_text_atomic
 from sketchstore.gradients import model_fingerprint
+from sketchstore.options import option
 
 from .errors import BadConfigError
 from .families import FAMILIES_VERSION
@@ -62,14 +63,13 @@ DATA_SEED_OFFSET = 5_000_011
 class WarmRecipe:
     """Settings of the testbed warm start (all of them are in the cache key)."""
 
-    size: str = field(default="tiny", metadata={"help": "cropi.tiny_model model size"})
-    steps: int = field(default=2000, metadata={"help": "SFT steps"})
-    batch_size: int = field(default=32, metadata={"help": "references per step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (warmup + cosine)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of matrices"})
-    seed: int = field(default=0, metadata={"help": "initialisation and data seed"})
-    families: tuple[FamilySpec, ...] = field(default=DEFAULT_FAMILIES, metadata={
-        "help": "the family mixture (label accuracy, weight and levels of each)"})
+    size: str = option("tiny", "cropi.tiny_model model size")
+    steps: int = option(2000, "SFT steps")
+    batch_size: int = option(32, "references per step")
+    lr: float = option(3e-3, "peak AdamW learning rate (warmup + cosine)")
+    weight_decay: float = option(0.01, "AdamW weight decay of matrices")
+    seed: int = option(0, "initialisation and data seed")
+    families: tuple[FamilySpec, ...] = option(DEFAULT_FAMILIES, "the family mixture (label accuracy, weight and levels of each)")
 
     def __post_init__(self) -> None:
         if self.size not in MODEL_SIZES:
