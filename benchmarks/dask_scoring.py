@@ -2,7 +2,7 @@
 
 Writes N rows of k-dim sketches into a blosc-lz4 fp16 store (benchmarks/scoring.py's synthetic
 rows and one 64-row validation set), reads it once so every run finds it in the page cache,
-then scores all rows, repeatedly, single-process (``score``) and with ``score(..., client=...)``
+then scores all rows, repeatedly, single-process (``score``) and with ``score(..., executor=client)``
 on LocalClusters of single-threaded worker processes; each run starts from a store with no
 stored scores. Cluster start-up is timed apart; scoring rows/s includes task planning,
 the workers' reads and decoding, gathering and writing the scores. CPU us/row is the CPU time
@@ -52,7 +52,7 @@ def timed_score(path: Path, client) -> tuple[float, float, dict[str, float]]:
     store = SketchStore.open(path, writable=True)
     cpu = cluster_cpu_seconds(client)
     start = time.perf_counter()
-    report = score(store, TRAIN, VALS, ScoreOptions(), progress=False, client=client)
+    report = score(store, TRAIN, VALS, ScoreOptions(), progress=False, executor=client)
     seconds = time.perf_counter() - start
     cpu = cluster_cpu_seconds(client) - cpu
     assert report.already_scored == 0

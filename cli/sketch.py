@@ -23,7 +23,7 @@ from sketchstore import (
     score,
     select,
 )
-from sketchstore.distributed import dask_client
+from sketchstore.distributed import scoring_executor
 from sketchstore.errors import BadInputError
 from sketchstore.scoring import AGGREGATIONS, METRICS
 from sketchstore.selection import FUSIONS, parse_top, read_ids
@@ -116,14 +116,15 @@ def build(shard, objective, quiet, **values) -> None:
 @click.option("--dask-scheduler", default=None,
               help="Score on this running Dask cluster (e.g. tcp://host:8786); its workers must read --store at the same path.")
 @click.option("--dask-workers", type=int, default=None, help="Score on a local Dask cluster of N worker processes.")
+@click.option("--threads", type=int, default=None, help="Score in a pool of N threads of this process.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def score_cmd(store_path, train, val, metric, aggregation, dask_scheduler, dask_workers, quiet) -> None:
+def score_cmd(store_path, train, val, metric, aggregation, dask_scheduler, dask_workers, threads, quiet) -> None:
     """Score train rows against validation sets (only rows not scored yet)."""
     store = SketchStore.open(store_path, writable=True)
-    with dask_client(dask_scheduler, dask_workers) as client:
+    with scoring_executor(threads, dask_scheduler, dask_workers) as executor:
         report = score(store, SplitRef.parse(train), _val_refs(val), ScoreOptions(metric, aggregation),
-                       progress=not quiet, client=client)
+                       progress=not quiet, executor=executor)
     click.echo(f"{train}: {report.scored} rows scored, {report.already_scored} already scored "
                f"({report.rows_per_second:.0f} rows/s)")
 

@@ -12,18 +12,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
+from torch import nn
+
 from tqdm import tqdm
 
 from .codecs import DEFAULT_COMPRESSOR
 from .errors import BadInputError, SpecMismatchError
 from .factored import NORM_MODES, FactoredSketcher
-from .gradients import load_model, model_fingerprint, parameter_shapes, per_example_gradients, select_parameters
+from .gradients import load_model, model_fingerprint, parameter_shapes, select_parameters
 from .objectives import ObjectiveOptions, objective_options
 from .options import option
-from .projection import make_projector
 from .seeds import stable_seed
 from .sft import DEFAULT_MAX_LENGTH
+from .sketchers import GradientSketcher, RowSketcher
 from .spec import ProjectionSpec, param_spec_hash
 from .store import SketchBatch, SketchStore
 
@@ -120,6 +121,14 @@ def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: st
             f"checkpoint {checkpoint!r} in the store was built from other weights (fingerprint {sorted(seen)[0]} != {fingerprint})")
 
 
+def make_sketcher(model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], spec: ProjectionSpec,
+                  norms: str = "exact") -> RowSketcher:
+    """The row sketcher for ``spec.mode``: factored (factored.py), else per-row gradients and a projector."""
+    if spec.mode == "factored":
+        return FactoredSketcher(model, params, spec, norms=norms)
+    return GradientSketcher(model, params, spec)
+
+
 def build_sketches(config: BuildConfig, progress: bool = True,
                    on_part: Callable[[int], None] | None = None) -> BuildReport:
     """Sketch every row the objective reads (sft: each row of ``config.data``) not yet stored
@@ -132,8 +141,7 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     model, tokenizer = load_model(config.model, config.device)
     params = select_parameters(model, config.params)
     spec = replace(config.spec, param_hash=param_spec_hash(parameter_shapes(params)))
-    projector = (FactoredSketcher(model, params, spec, norms=config.norms) if spec.mode == "factored"
-                 else make_projector(spec))
+    sketcher = make_sketcher(model, params, spec, config.norms)
     store = SketchStore.open_or_create(config.store, spec, compressor=config.compressor)
     fingerprint = model_fingerprint(params)
     _check_checkpoint_model(store, config.checkpoint, fingerprint)
@@ -146,24 +154,9 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
     for lo in range(0, len(todo), config.flush_rows):
         group = todo[lo:lo + config.flush_rows]
-        sketches, norms, tokens = [], [], []
-        pending: list = []
-        if spec.mode == "factored":  # batch_size rows per forward/backward, never a full gradient (factored.py)
-            done_rows = projector.sketch_rows(objective, group, config.batch_size, on_row=bar.update)
-            sketches, norms, tokens = [done_rows.sketches], done_rows.grad_norms, done_rows.n_tokens
-        else:
-            for item in per_example_gradients(model, objective, group, params):
-                pending.append(item)
-                if len(pending) == config.batch_size:
-                    sketches.append(_project(projector, pending))
-                    pending = []
-                norms.append(item.grad_norm)
-                tokens.append(item.n_tokens)
-                bar.update(1)
-            if pending:
-                sketches.append(_project(projector, pending))
-        batch = SketchBatch(ids=[r["id"] for r in group], sketches=torch.cat(sketches), grad_norms=norms,
-                            n_tokens=tokens, metadata=[{**_metadata(r, config.objective), GRAD_NORM_KIND: config.norms} for r in group])
+        done_rows = sketcher.sketch_rows(objective, group, config.batch_size, on_row=bar.update)
+        batch = SketchBatch(ids=[r["id"] for r in group], sketches=done_rows.sketches, grad_norms=done_rows.grad_norms,
+                            n_tokens=done_rows.n_tokens, metadata=[{**_metadata(r, config.objective), GRAD_NORM_KIND: config.norms} for r in group])
         added = store.append(config.checkpoint, config.split, batch, source=source)
         report.added += added
         if on_part is not None:
@@ -172,8 +165,3 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     report.seconds = time.perf_counter() - start
     return report
 
-
-def _project(projector, items: Sequence) -> torch.Tensor:
-    names = items[0].grads.keys()
-    stacked = {n: torch.cat([it.grads[n] for it in items]) for n in names}
-    return projector.project(stacked).cpu()

@@ -95,7 +95,6 @@ refused with a message naming it.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -104,12 +103,13 @@ import torch
 from torch import nn
 
 from .errors import BadInputError
-from .projection import SparseProjector
-from .seeds import stable_seed
+from .factor_projection import FactorProjection
+from .factored_blocks import block_and_norm
 from .sequences import SequenceBatch
+from .sketchers import SketchedRows
 from .spec import ProjectionSpec
 
-__all__ = ["FactoredSketcher", "FactoredRows", "NORM_MODES", "factor_side", "factor_dims", "plan_passes"]
+__all__ = ["FactoredSketcher", "NORM_MODES", "plan_passes"]
 
 #: Most padded token positions per forward/backward pass (bounds activation memory).
 PASS_TOKENS = 1 << 14
@@ -117,15 +117,6 @@ PASS_TOKENS = 1 << 14
 PASS_WASTE = 0.15
 #: ``norms`` of FactoredSketcher: exact per-row gradient norms, or the norm of each row's sketch.
 NORM_MODES = ("exact", "sketch")
-#: Tokens with a zero output gradient are dropped from a matrix's products when fewer than this
-#: share of its tokens remain (below it, the saved products outweigh the copy).
-COMPACT_BELOW = 0.9
-
-
-def factor_side(dim: int) -> int:
-    """Largest per-side size of a layer's intermediate block: 2**ceil(log2(sqrt(8 * dim)))
-    (256 for dim 4096 or 8192, 128 for 1024 or 2048, 512 for 16384 or 32768)."""
-    return 1 << max(0, math.ceil(math.log2(math.sqrt(8 * dim))))
 
 
 def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: float | None = None) -> list[torch.Tensor]:
@@ -148,22 +139,6 @@ def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: fl
     if current:
         passes.append(current)
     return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
-
-
-def factor_dims(shape: Sequence[int], dim: int) -> tuple[int, int]:
-    """(k_row, k_col) of a weight matrix of ``shape`` (m, n) under sketch length ``dim``."""
-    side = factor_side(dim)
-    return min(int(shape[0]), side), min(int(shape[1]), side)
-
-
-@dataclass
-class FactoredRows:
-    """Result of sketching a list of rows."""
-
-    sketches: torch.Tensor  # (R, dim) float32
-    grad_norms: list[float]
-    n_tokens: list[int]
-    losses: list[float]
 
 
 @dataclass
@@ -258,70 +233,11 @@ class FactoredSketcher:
             if len(self.shapes[name]) != 2:
                 raise BadInputError(f"factored mode: parameter {name!r} is not a matrix (shape {self.shapes[name]})")
         self.input_embedding = model.get_input_embeddings()
-        self.final = SparseProjector(ProjectionSpec(dim=spec.dim, seed=stable_seed(spec.seed, "factored", "final"),
-                                                    mode="sparse"))
-        self._codes: dict[tuple[str, str], torch.Tensor | None] = {}
+        self.projection = FactorProjection(spec, self.shapes, self.matrices, self._device())
         self._layout = None
-
-    # ------------------------------------------------------------------ projections
-    def codes(self, name: str, side: str) -> torch.Tensor | None:
-        """CountSketch codes ``h + k * [sign < 0]`` (int64, one per row (side "row") or column
-        ("col") of matrix ``name``) of its factor, or None when that side is not projected."""
-        key = (name, side)
-        if key not in self._codes:
-            m, n = self.shapes[name]
-            k_r, k_c = factor_dims((m, n), self.spec.dim)
-            size, k = (m, k_r) if side == "row" else (n, k_c)
-            if k >= size:
-                self._codes[key] = None
-            else:
-                gen = torch.Generator().manual_seed(stable_seed(self.spec.seed, "factored", name, side, size, k))
-                self._codes[key] = torch.randint(0, 2 * k, (size,), generator=gen).to(self._device())
-        return self._codes[key]
-
-    def factor(self, name: str, side: str) -> torch.Tensor | None:
-        """The factor as a dense (k, size) matrix (one +-1 per column), or None for identity:
-        P_row (side "row") or P_col ("col") of matrix ``name``. For checks; never used to project."""
-        codes = self.codes(name, side)
-        if codes is None:
-            return None
-        k = self.block_shape(name)[0 if side == "row" else 1]
-        codes = codes.cpu()
-        mat = torch.zeros(k, codes.numel())
-        mat[codes % k, torch.arange(codes.numel())] = torch.where(codes < k, 1.0, -1.0)
-        return mat
-
-    @staticmethod
-    def _apply(x: torch.Tensor, codes: torch.Tensor | None, k: int) -> torch.Tensor:
-        """CountSketch along the last dim of ``x``: (..., size) -> (..., k); identity for None."""
-        if codes is None:
-            return x
-        acc = x.new_zeros(*x.shape[:-1], 2 * k)
-        acc.index_add_(x.dim() - 1, codes, x)
-        return acc[..., :k] - acc[..., k:]
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def block_shape(self, name: str) -> tuple[int, int]:
-        return factor_dims(self.shapes[name], self.spec.dim)
-
-    def reference_blocks(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Intermediate blocks P_row G P_col^T (matrices) / exact vectors of explicit gradients
-        (name -> (B, *shape)): what the factored path computes without materialising G."""
-        out = {}
-        for name, grad in grads.items():
-            grad = grad.float()
-            if name in self.matrices:
-                k_r, k_c = self.block_shape(name)
-                grad = self._apply(grad, self.codes(name, "col"), k_c)
-                grad = self._apply(grad.transpose(1, 2), self.codes(name, "row"), k_r).transpose(1, 2).contiguous()
-            out[name] = grad
-        return out
-
-    def reference(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, dim) sketches of explicit per-example gradients under the same seeded factors."""
-        return self.final.project(self.reference_blocks(grads))
 
     # ------------------------------------------------------------------ hooks
     def _store(self, buffer: torch.Tensor | None, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -397,7 +313,7 @@ class FactoredSketcher:
 
     # ------------------------------------------------------------------ sketching
     def sketch_rows(self, objective, rows: Sequence[dict], batch_size: int,
-                    on_row: Callable[[int], object] | None = None) -> FactoredRows:
+                    on_row: Callable[[int], object] | None = None) -> SketchedRows:
         """Sketch ``rows`` in batches of ``batch_size`` rows (one forward/backward per batch)."""
         if not hasattr(objective, "batch"):
             raise BadInputError(f"objective {getattr(objective, 'name', objective)!r} has no batched form "
@@ -409,22 +325,22 @@ class FactoredSketcher:
             if on_row is not None:
                 on_row(len(chunk))
         if not parts:
-            return FactoredRows(torch.zeros(0, self.spec.dim), [], [], [])
-        return FactoredRows(torch.cat([p.sketches for p in parts]), [x for p in parts for x in p.grad_norms],
+            return SketchedRows(torch.zeros(0, self.spec.dim), [], [], [])
+        return SketchedRows(torch.cat([p.sketches for p in parts]), [x for p in parts for x in p.grad_norms],
                             [x for p in parts for x in p.n_tokens], [x for p in parts for x in p.losses])
 
-    def sketch_batch(self, batch: SequenceBatch) -> FactoredRows:
+    def sketch_batch(self, batch: SequenceBatch) -> SketchedRows:
         """Sketches, gradient norms (exact or sketch, per ``norms``), token counts and losses of
         one SequenceBatch."""
         sketches = torch.zeros(batch.n_rows, self.spec.dim, device=self._device())
 
         def add(name: str, value: torch.Tensor) -> None:  # called in sorted-name order
-            sketches.add_(self.final.project({name: value}))
+            sketches.add_(self.projection.final.project({name: value}))
 
         sq_norms, losses = self._run(batch, add)
         sketches = sketches.cpu()
         norms = sketches.norm(dim=1) if sq_norms is None else sq_norms.clamp_min(0).sqrt()
-        return FactoredRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
+        return SketchedRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
 
     def blocks(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, list[float]]:
         """(name -> (R, k_r, k_c) block or (R, m) exact vector, (R,) float64 squared exact
@@ -496,7 +412,7 @@ class FactoredSketcher:
         return t.new_zeros((L["R"],) + tuple(t.shape[1:])).index_add_(0, L["row"], t)
 
     def _zeros(self, name: str, rows: int) -> torch.Tensor:
-        shape = self.block_shape(name) if name in self.matrices else self.shapes[name]
+        shape = self.projection.block_shape(name) if name in self.matrices else self.shapes[name]
         return torch.zeros((rows,) + tuple(shape), device=self._device())
 
     def _assemble(self, sq_norms: torch.Tensor | None, emit: Callable[[str, torch.Tensor], object]) -> None:
@@ -528,7 +444,7 @@ class FactoredSketcher:
         for name in sorted(n for n, _ in self.params):
             sq = None
             if name in contribs:
-                value, sq = self._block_and_norm(name, contribs.pop(name))
+                value, sq = block_and_norm(self.projection, name, contribs.pop(name), self._layout, self.norms == "exact")
             elif name in vectors:
                 value = vectors.pop(name)
                 if sq_norms is not None:
@@ -538,112 +454,3 @@ class FactoredSketcher:
             if sq is not None:
                 sq_norms += sq.cpu()
             emit(name, value)
-
-    def _block_and_norm(self, name: str, pieces) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(R, k_r, k_c) blocks P_row G_r P_col^T and (R,) float64 exact ||G_r||_F^2 (None with
-        norms ``sketch``), where G_r = sum over row r's tokens of a_t b_t^T (a_t: (m,) or a one-hot
-        id, b_t: (n,)); tokens with a zero output gradient are dropped first (:meth:`_compact`).
-
-        With exact norms, per row whichever is cheaper for its T tokens (over all contributions):
-        Gram form, T^2 (m + n) + T k_r k_c <= T m n + 2 m n: ||G||^2 = sum_{t,s} (a_t.a_s)(b_t.b_s)
-        and the block from the projected factors, sum_t (P_row a_t)(P_col b_t)^T; otherwise G
-        itself (m x n, one row and one matrix at a time), its norm, and the block by hashing G's
-        rows and columns. With sketch norms every block comes from the projected factors.
-        """
-        R = self._layout["R"]
-        m, n = self.shapes[name]
-        k_r, k_c = self.block_shape(name)
-        row_codes, col_codes = self.codes(name, "row"), self.codes(name, "col")
-        device = self._device()
-        exact = self.norms == "exact"
-        pieces = [self._compact(a, b) for a, b in pieces]
-        tokens = [sum(bounds[r][1] - bounds[r][0] for _, _, bounds in pieces) for r in range(R)]
-        gram = [not exact or t * t * (m + n) + t * k_r * k_c < t * m * n + 2 * m * n for t in tokens]
-        block = torch.empty(R, k_r, k_c, device=device)  # every row is written below
-        sq = torch.zeros(R, dtype=torch.float64, device=device) if exact else None
-        projected = [self._project_factors(a, b, row_codes, col_codes, k_r, k_c) + (bounds,)
-                     for a, b, bounds in pieces] if any(gram) else []
-        for r in range(R):
-            if tokens[r] == 0:
-                block[r].zero_()
-                continue
-            parts = [(a[bounds[r][0]:bounds[r][1]], b[bounds[r][0]:bounds[r][1]]) for a, b, bounds in pieces] if exact else []
-            if gram[r]:
-                if exact:
-                    sq[r] = self._gram_norm(parts)
-                written = False
-                for a, b, bounds in projected:
-                    s, e = bounds[r]
-                    if e == s:
-                        continue
-                    if a.dtype == torch.long:
-                        if not written:
-                            block[r].zero_()
-                        block[r].index_add_(0, a[s:e], b[s:e])
-                    elif written:
-                        block[r].addmm_(a[s:e].T, b[s:e])
-                    else:
-                        torch.mm(a[s:e].T, b[s:e], out=block[r])
-                    written = True
-            else:
-                grad = torch.zeros(m, n, device=device)
-                for a, b in parts:
-                    if a.dtype == torch.long:
-                        grad.index_add_(0, a, b)
-                    else:
-                        grad.addmm_(a.T, b)
-                sq[r] = grad.pow(2).sum(dtype=torch.float64)
-                grad = self._apply(grad, col_codes, k_c)
-                block[r] = self._apply(grad.T, row_codes, k_r).T
-        return block, sq
-
-    def _compact(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-        """(a, b, per-row token bounds) of one contribution, without its tokens whose output
-        gradient (a of a linear layer, b of an embedding lookup) is exactly zero when fewer than
-        COMPACT_BELOW of them remain (tokens stay grouped by row, in order)."""
-        L = self._layout
-        grad = b if a.dtype == torch.long else a
-        n_tokens = grad.shape[0]
-        # a zero token has a zero first coordinate: one column tells when a full check can pay off
-        if n_tokens == 0 or int(grad[:, 0].eq(0).sum()) <= (1 - COMPACT_BELOW) * n_tokens:
-            return a, b, L["bounds"]
-        index = grad.ne(0).any(1).nonzero().squeeze(1)
-        if index.numel() >= COMPACT_BELOW * n_tokens:
-            return a, b, L["bounds"]
-        ends = torch.cumsum(torch.bincount(L["row"][index], minlength=L["R"]), 0).tolist()
-        return a[index], b[index], list(zip([0] + ends[:-1], ends))
-
-    def _project_factors(self, a: torch.Tensor, b: torch.Tensor, row_codes: torch.Tensor | None,
-                         col_codes: torch.Tensor | None, k_r: int, k_c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_row a_t, P_col b_t) per token; a one-hot a (ids) stays ids: P_row[:, id] = +-e_h(id)
-        is a signed lookup (bucket ids, sign folded into the column factor)."""
-        bp = self._apply(b, col_codes, k_c)
-        if a.dtype != torch.long:
-            return self._apply(a, row_codes, k_r), bp
-        if row_codes is None:
-            return a, bp
-        code = row_codes[a]
-        negative = code >= k_r
-        return code - k_r * negative, torch.where(negative[:, None], -bp, bp)
-
-    def _gram_norm(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """||sum over parts and tokens of a_t b_t^T||_F^2 (float64) by the Gram form."""
-        total = None
-        for i, (ai, bi) in enumerate(parts):
-            for j in range(i, len(parts)):
-                aj, bj = parts[j]
-                term = (self._gram_rows(ai, aj) * (bi @ bj.T)).sum(dtype=torch.float64)
-                term = term if i == j else 2 * term
-                total = term if total is None else total + term
-        return total
-
-    @staticmethod
-    def _gram_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(Ta, Tb) inner products of row factors: dense vectors or one-hot ids."""
-        if a.dtype != torch.long and b.dtype != torch.long:
-            return a @ b.T
-        if a.dtype == torch.long and b.dtype == torch.long:
-            return (a[:, None] == b[None, :]).float()
-        if a.dtype == torch.long:
-            return FactoredSketcher._gram_rows(b, a).T
-        return a[:, b]

@@ -79,9 +79,8 @@ def _load_entry_points() -> None:
 
 
 def objective_kinds() -> dict[str, type]:
-    """Every registered objective kind, by name (built-in and entry points)."""
-    from . import sft  # noqa: F401  (registers the built-in kind)
-
+    """Every registered objective kind, by name (built-in: ``sft``, registered when the package
+    is imported; and entry points)."""
     _load_entry_points()
     return dict(_REGISTRY)
 

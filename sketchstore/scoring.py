@@ -17,6 +17,11 @@ validation rows with a zero sketch are left out of the target. Train rows are st
 chunk at a time, so memory does not grow with the store. Scores are written to the store
 keyed by (train checkpoint, train split, validation set, metric, aggregation) and a
 fingerprint of the validation rows; re-scoring computes only rows not scored under that key.
+
+Where the products run is the caller's choice: in this process (the store's reader threads,
+the default), or on any ``executor`` with a ``submit`` method (a ``concurrent.futures``
+thread or process pool, or a ``dask.distributed.Client``: sketchstore.distributed). Every
+path reads through the store's one read plan (reads.py); bookkeeping and writes stay here.
 """
 
 from __future__ import annotations
@@ -24,15 +29,24 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 from . import catalog
 from .errors import BadInputError
+from .reads import ReadTask, ordered_results
 from .store import SketchStore
+
+#: Chunks of one part per task on an executor (each task opens the store and reads its rows).
+TASK_CHUNKS = 8
+#: Tasks in flight per executor, beyond which submission waits for the oldest result.
+TASKS_IN_FLIGHT = 64
 
 METRICS = ("cosine", "inner")
 AGGREGATIONS = ("mean", "sum")
@@ -129,6 +143,39 @@ def score_block(block: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return block @ targets
 
 
+def score_task(task: ReadTask, source: "SketchStore | str", matrix: np.ndarray | torch.Tensor,
+               unit: bool) -> np.ndarray:
+    """On a worker: (rows, m) scores of one read task against the (k, m) target matrix.
+    ``source`` is the open store (threads) or its location (other processes open it)."""
+    store = source if isinstance(source, SketchStore) else SketchStore.open(source)
+    return score_block(store.load(task, unit), torch.as_tensor(matrix)).numpy()
+
+
+def scored_blocks(store: SketchStore, train: SplitRef, exclude: set[str], matrix: torch.Tensor, unit: bool,
+                  executor: Any = None, task_rows: int | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(ids, (n, m) scores) per read task of ``train``, in storage order.
+
+    Without ``executor``: the store's reader threads (``iter_blocks``). With one: a thread pool
+    shares the open store; any other executor (processes, Dask) gets the store's location, and
+    the matrix once (``scatter`` where the executor has it, as Dask does).
+    """
+    if executor is None:
+        yield from store.iter_blocks(train.checkpoint, train.split, exclude=exclude, unit=unit,
+                                     transform=lambda block: score_block(block, matrix))
+        return
+    tasks = store.plan_reads(train.checkpoint, train.split, exclude, task_rows or store.info.chunk_rows * TASK_CHUNKS)
+    if isinstance(executor, ThreadPoolExecutor):
+        source, targets = store, matrix
+    else:
+        source = str(store.path.resolve()) if isinstance(store.path, Path) else str(store.path)
+        targets = matrix.numpy()
+        if hasattr(executor, "scatter"):
+            targets = executor.scatter(targets, broadcast=True)
+    results = ordered_results(executor, score_task, tasks, source, targets, unit, window=TASKS_IN_FLIGHT)
+    for task, scores in zip(tasks, results):
+        yield list(task.ids), torch.from_numpy(scores)
+
+
 def _check_same_objective(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef]) -> None:
     """Refuse to compare sketches of different objectives (e.g. POPI train rows vs SFT validation rows)."""
     objectives = {}
@@ -143,11 +190,11 @@ def _check_same_objective(store: SketchStore, train: SplitRef, vals: Sequence[Sp
 
 
 def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options: ScoreOptions = ScoreOptions(),
-          progress: bool = True, client: Any = None) -> ScoreReport:
+          progress: bool = True, executor: Any = None) -> ScoreReport:
     """Score every not-yet-scored row of ``train`` against each validation set; store the scores.
 
-    With a ``dask.distributed.Client`` the products run on its workers, each reading its rows
-    from the store path itself (see sketchstore.distributed); bookkeeping and writes stay here.
+    ``executor`` (see :func:`scored_blocks`): where the products run, e.g. a
+    ``ThreadPoolExecutor`` or a ``dask.distributed.Client``; by default, in this process.
     """
     start = time.perf_counter()
     store.require(train.checkpoint, train.split)
@@ -161,14 +208,7 @@ def score(store: SketchStore, train: SplitRef, vals: Sequence[SplitRef], options
     columns: list[dict[str, list]] = [{"id": [], "score": []} for _ in targets]
     bar = tqdm(total=n_train - len(skip), desc=f"score {train}", unit="row", disable=not progress)
     unit = options.metric == "cosine"
-    if client is None:
-        blocks = store.iter_blocks(train.checkpoint, train.split, exclude=skip, unit=unit,
-                                   transform=lambda block: score_block(block, matrix))
-    else:
-        from .distributed import scored_blocks
-
-        blocks = scored_blocks(client, store, train, skip, matrix, unit)
-    for ids, scores in blocks:
+    for ids, scores in scored_blocks(store, train, skip, matrix, unit, executor):
         for j, col in enumerate(columns):
             fresh = [i for i, key in enumerate(ids) if key not in done[j]] if done[j] else range(len(ids))
             col["id"].extend(ids[i] for i in fresh)

@@ -53,6 +53,7 @@ from .codecs import (
 )
 from .data import read_parquet_bytes
 from .errors import BadInputError, CorruptDataError, SketchStoreError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
+from .reads import PLAN_COLUMNS, ReadTask, ordered_results, plan_reads
 from .spec import ProjectionSpec
 
 FORMAT_NAME = "sketchstore"
@@ -344,30 +345,22 @@ class SketchStore:
                 f"({type(err).__name__}: {err})") from err
         return from_storage(block, self.spec.dtype)
 
-    def _plan(self, checkpoint: str, split: str, exclude: set[str] | None,
-              block_rows: int) -> list[tuple[str, list[tuple[int, str, float]]]]:
-        """(part, [(row, id, norm), ...]) reads of at most ``block_rows`` rows, in storage order."""
-        manifest = self.manifest(checkpoint, split, columns=["id", "part", "row", "sketch_norm"])
-        by_part: dict[str, list[tuple[int, str, float]]] = {}
-        if manifest.num_rows:
-            for key, part, row, norm in zip(*(manifest.column(c).to_pylist() for c in ("id", "part", "row", "sketch_norm"))):
-                if exclude is None or key not in exclude:
-                    by_part.setdefault(part, []).append((row, key, norm))
-        plan = []
-        for part in sorted(by_part):
-            rows = sorted(by_part[part])
-            plan.extend((part, rows[lo:lo + block_rows]) for lo in range(0, len(rows), block_rows))
-        return plan
+    def plan_reads(self, checkpoint: str, split: str, exclude: set[str] | None = None,
+                   block_rows: int | None = None) -> list[ReadTask]:
+        """The reads of (checkpoint, split) in storage order, ``block_rows`` aligned rows at most each
+        (default: one chunk); rows in ``exclude`` are left out (see reads.py)."""
+        manifest = self.manifest(checkpoint, split, columns=list(PLAN_COLUMNS))
+        return plan_reads(manifest, block_rows or self.info.chunk_rows, exclude)
 
-    def _load(self, part: str, rows: list[tuple[int, str, float]], unit: bool,
-              transform: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[list[str], torch.Tensor]:
-        first, last = rows[0][0], rows[-1][0] + 1
-        data = self.read_rows(part, first, last)
-        if len(rows) != last - first:
-            data = data.index_select(0, torch.tensor([r - first for r, _, _ in rows]))
+    def load(self, task: ReadTask, unit: bool = False) -> torch.Tensor:
+        """One task's float32 sketches: unit rows as stored (``unit=True``), else rescaled by their norms."""
+        first, last = task.span
+        data = self.read_rows(task.part, first, last)
+        if len(task.rows) != last - first:
+            data = data.index_select(0, torch.from_numpy(task.rows - first))
         if not unit:
-            data.mul_(torch.tensor([norm for _, _, norm in rows], dtype=torch.float32)[:, None])
-        return [key for _, key, _ in rows], data if transform is None else transform(data)
+            data.mul_(torch.from_numpy(task.norms)[:, None])
+        return data
 
     def iter_blocks(self, checkpoint: str, split: str, exclude: set[str] | None = None,
                     block_rows: int | None = None, unit: bool = False,
@@ -380,14 +373,13 @@ class SketchStore:
         (x/|x|). Blocks are read, decoded and passed through ``transform`` (e.g. a product with
         score targets) in background threads, so decoding overlaps with use.
         """
-        plan = self._plan(checkpoint, split, exclude, block_rows or self.info.chunk_rows)
+        def read(task: ReadTask) -> tuple[list[str], torch.Tensor]:
+            data = self.load(task, unit)
+            return list(task.ids), data if transform is None else transform(data)
+
         with ThreadPoolExecutor(max_workers=READER_THREADS) as pool:
-            pending = [pool.submit(self._load, part, rows, unit, transform) for part, rows in plan[:READER_THREADS]]
-            for index in range(len(plan)):
-                nxt = index + READER_THREADS
-                if nxt < len(plan):
-                    pending.append(pool.submit(self._load, *plan[nxt], unit, transform))
-                yield pending.pop(0).result()
+            yield from ordered_results(pool, read, self.plan_reads(checkpoint, split, exclude, block_rows),
+                                       window=READER_THREADS + 1)
 
     def read(self, checkpoint: str, split: str, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
         """All (or the given) sketches of (checkpoint, split) in memory; for small sets such as validation."""

@@ -1,8 +1,10 @@
-"""Scoring on a Dask cluster equals single-process scoring; cluster errors are one line; ``--shard auto``."""
+"""Scoring on an executor (a Dask cluster, a thread pool) equals single-process scoring; cluster errors are
+one line; ``--shard auto``."""
 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,8 +15,8 @@ from cli.sketch import main as sketch
 from sketchstore import catalog, distributed
 from sketchstore.build import in_shard
 from sketchstore.data import read_rows
-from sketchstore.distributed import dask_client, scored_blocks
-from sketchstore.scoring import ScoreOptions, SplitRef, load_scores, score, score_block, validation_target
+from sketchstore.distributed import dask_client
+from sketchstore.scoring import ScoreOptions, SplitRef, load_scores, score, score_block, scored_blocks, validation_target
 from sketchstore.selection import select
 from sketchstore.spec import ProjectionSpec
 from sketchstore.store import SketchBatch, SketchStore
@@ -77,7 +79,7 @@ def test_dask_scores_equal_single_process(client, stores, metric, aggregation):
     local, dask = stores
     options = ScoreOptions(metric, aggregation)
     single = score(local, TRAIN, VALS, options, progress=False)
-    spread = score(dask, TRAIN, VALS, options, progress=False, client=client)
+    spread = score(dask, TRAIN, VALS, options, progress=False, executor=client)
     assert (spread.scored, spread.already_scored) == (single.scored, single.already_scored) == (204, 0)
     assert_same_scores(local, dask, options)
     exclude = [f"t{i}" for i in range(0, 150, 3)]
@@ -87,9 +89,46 @@ def test_dask_scores_equal_single_process(client, stores, metric, aggregation):
     for store in stores:
         add(store, "train", [f"n{i}" for i in range(20)], seed=6)
     assert score(local, TRAIN, VALS, options, progress=False).scored == 20
-    again = score(dask, TRAIN, VALS, options, progress=False, client=client)
+    again = score(dask, TRAIN, VALS, options, progress=False, executor=client)
     assert (again.scored, again.already_scored) == (20, 204)
     assert_same_scores(local, dask, options)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "inner"])
+def test_thread_pool_scores_equal_single_process(stores, metric):
+    local, threaded = stores
+    options = ScoreOptions(metric)
+    single = score(local, TRAIN, VALS, options, progress=False)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        spread = score(threaded, TRAIN, VALS, options, progress=False, executor=pool)
+    assert (spread.scored, spread.already_scored) == (single.scored, single.already_scored) == (204, 0)
+    assert_same_scores(local, threaded, options)
+
+
+def test_cli_threads(stores):
+    local, threaded = stores
+    args = ["score", "--store", str(threaded.path), "--train", str(TRAIN), "--val", ",".join(map(str, VALS)), "--quiet"]
+    result = CliRunner().invoke(sketch, [*args, "--threads", "2"])
+    assert result.exit_code == 0 and "204 rows scored" in result.output, result.output
+    score(local, TRAIN, VALS, progress=False)
+    assert_same_scores(local, threaded, ScoreOptions())
+    for extra, message in ((["--threads", "0"], "scoring threads must be >= 1"),
+                           (["--threads", "2", "--dask-workers", "2"], "not both")):
+        result = CliRunner().invoke(sketch, [*args, *extra])
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_read_plan_is_chunk_aligned_and_skips_excluded(stores):
+    store = stores[0]
+    exclude = {"t1", "t2", "u5"}
+    tasks = store.plan_reads("c0", "train", exclude, block_rows=2 * CHUNK_ROWS)
+    assert [key for t in tasks for key in t.ids] == [k for ids, _ in store.iter_blocks("c0", "train", exclude) for k in ids]
+    assert len({k for t in tasks for k in t.ids}) == 204 - len(exclude) and not exclude & {k for t in tasks for k in t.ids}
+    for task in tasks:  # one part, one aligned range of two chunks, rows ascending
+        first, last = task.span
+        assert first // (2 * CHUNK_ROWS) == (last - 1) // (2 * CHUNK_ROWS) and list(task.rows) == sorted(task.rows)
+    _, stored = store.read("c0", "train", list(tasks[0].ids))
+    assert torch.allclose(store.load(tasks[0]), stored)
 
 
 @pytest.mark.parametrize("unit", [True, False])
@@ -99,7 +138,7 @@ def test_tasks_with_gaps_match_streaming(client, stores, unit):
     matrix = torch.stack([validation_target(store, ref, options).vector for ref in VALS], dim=1)
     exclude = {f"t{i}" for i in range(1, 150, 4)} | {"u0", "u44", "w3"}
     expected = list(store.iter_blocks("c0", "train", exclude=exclude, unit=unit, transform=lambda b: score_block(b, matrix)))
-    got = list(scored_blocks(client, store, TRAIN, exclude, matrix, unit, task_rows=3 * CHUNK_ROWS))
+    got = list(scored_blocks(store, TRAIN, exclude, matrix, unit, executor=client, task_rows=3 * CHUNK_ROWS))
     assert len(got) > len(store.part_names())
     assert [key for ids, _ in got for key in ids] == [key for ids, _ in expected for key in ids]
     assert torch.allclose(torch.cat([s for _, s in got]), torch.cat([s for _, s in expected]), atol=1e-5)

@@ -12,8 +12,9 @@ from torch import nn
 from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches, catalog
 from sketchstore.data import read_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
-from sketchstore import factored
-from sketchstore.factored import FactoredSketcher, factor_dims, plan_passes
+from sketchstore import factored, factored_blocks
+from sketchstore.factor_projection import factor_dims
+from sketchstore.factored import FactoredSketcher, plan_passes
 from sketchstore.gradients import load_model, per_example_gradients, select_parameters
 from sketchstore.sft import SFTObjective
 from cropi.popi import POPIObjective, POPIOptions, PromptGroup, read_prompt_groups
@@ -63,7 +64,7 @@ def kronecker(sketcher, grads):
     out = {}
     for name, g in grads.items():
         if g.dim() == 3:
-            p_row, p_col = sketcher.factor(name, "row"), sketcher.factor(name, "col")
+            p_row, p_col = sketcher.projection.factor(name, "row"), sketcher.projection.factor(name, "col")
             g = (p_row if p_row is not None else torch.eye(g.shape[1])) @ g
             g = g @ (p_col if p_col is not None else torch.eye(g.shape[2])).T
         out[name] = g
@@ -82,7 +83,7 @@ def test_one_linear_layer_equals_kronecker_projection(model_tok, sft_rows, popi_
     params = select_parameters(model, [name])
     spec = ProjectionSpec(dim=128, seed=3, mode="factored")  # side 32: both sides projected
     sketcher = FactoredSketcher(model, params, spec)
-    assert factor_dims((64, 384), 128) == (32, 32) and sketcher.factor(name, "row").shape == (32, 64)
+    assert factor_dims((64, 384), 128) == (32, 32) and sketcher.projection.factor(name, "row").shape == (32, 64)
     objective = SFTObjective(tok) if kind == "sft" else POPIObjective()
     rows = sft_rows if kind == "sft" else popi_rows
     grads, norms = exact(model, objective, rows, params)
@@ -92,7 +93,7 @@ def test_one_linear_layer_equals_kronecker_projection(model_tok, sft_rows, popi_
     assert close(blocks[name], expected)
     assert torch.allclose(sq_norms.sqrt(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
     sketch = sketcher.sketch_batch(objective.batch(rows)).sketches
-    assert close(sketch, sketcher.final.project({name: expected}))
+    assert close(sketch, sketcher.projection.final.project({name: expected}))
 
 
 @pytest.mark.parametrize("kind", ["sft", "popi"])
@@ -116,8 +117,8 @@ def test_whole_model_equals_kronecker_projection(model_tok, sft_rows, popi_rows,
         assert close(blocks[name], expected[name]), name
     assert torch.allclose(sq_norms.sqrt(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
     result = sketcher.sketch_batch(batch)
-    assert close(result.sketches, sketcher.final.project(expected))
-    assert close(result.sketches, sketcher.reference(grads))
+    assert close(result.sketches, sketcher.projection.final.project(expected))
+    assert close(result.sketches, sketcher.projection.reference(grads))
     assert result.grad_norms == pytest.approx(norms, rel=1e-5)
     for row, loss in zip(rows, losses):
         ref, _ = objective.loss(model, row)
@@ -135,7 +136,7 @@ def test_off_policy_clipped_popi_equals_kronecker_projection(tiny_model, popi_ro
     objective = POPIObjective(clip=0.01)
     grads, norms = exact(model, objective, popi_rows, params)
     result = sketcher.sketch_batch(objective.batch(popi_rows))
-    assert close(result.sketches, sketcher.final.project(kronecker(sketcher, grads)))
+    assert close(result.sketches, sketcher.projection.final.project(kronecker(sketcher, grads)))
     assert result.grad_norms == pytest.approx(norms, rel=1e-5)
     unclipped, _ = exact(model, POPIObjective(), popi_rows, params)
     assert not torch.allclose(grads[TIED], unclipped[TIED])
@@ -147,7 +148,7 @@ def test_parameter_selection_is_respected(model_tok, sft_rows):
     sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=512, mode="factored"))
     grads, norms = exact(model, SFTObjective(tok), sft_rows, params)
     result = sketcher.sketch_batch(SFTObjective(tok).batch(sft_rows))
-    assert close(result.sketches, sketcher.final.project(kronecker(sketcher, grads)))
+    assert close(result.sketches, sketcher.projection.final.project(kronecker(sketcher, grads)))
     assert result.grad_norms == pytest.approx(norms, rel=1e-5)
 
 
@@ -276,7 +277,7 @@ def test_sketch_norm_is_unbiased_in_square_over_seeds(model_tok, sft_rows):
     # the sketches of explicit gradients under each seed's factors (== sketch_batch's, tested above)
     per_seed = torch.stack([
         FactoredSketcher(model, params, ProjectionSpec(dim=256, seed=seed, mode="factored"))
-        .reference(grads).double().pow(2).sum(1).div(exact_sq).mean() for seed in range(48)])
+        .projection.reference(grads).double().pow(2).sum(1).div(exact_sq).mean() for seed in range(48)])
     assert per_seed.std() > 0.005  # a random estimate ...
     assert abs(float(per_seed.mean()) - 1) < 4 * float(per_seed.std()) / 48 ** 0.5, per_seed  # ... unbiased in square
 
@@ -287,16 +288,16 @@ def test_dropping_zero_gradient_tokens_is_exact(model_tok, sft_rows, monkeypatch
     sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=512, seed=5, mode="factored"))
     grads, norms = exact(model, SFTObjective(tok), sft_rows, params)
     kept = []
-    compact = FactoredSketcher._compact
+    compact = factored_blocks.compact
 
-    def counted(self, a, b):
-        out = compact(self, a, b)
+    def counted(a, b, layout):
+        out = compact(a, b, layout)
         kept.append(out[0].shape[0] / a.shape[0])
         return out
 
-    monkeypatch.setattr(FactoredSketcher, "_compact", counted)
+    monkeypatch.setattr(factored_blocks, "compact", counted)
     blocks, sq_norms, _ = sketcher.blocks(SFTObjective(tok).batch(sft_rows))
-    assert min(kept) < factored.COMPACT_BELOW  # the last layer's prompt tokens carry no gradient
+    assert min(kept) < factored_blocks.COMPACT_BELOW  # the last layer's prompt tokens carry no gradient
     expected = kronecker(sketcher, grads)
     for name in expected:
         assert close(blocks[name], expected[name]), name

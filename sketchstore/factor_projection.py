@@ -1,0 +1,102 @@
+"""The seeded projections of factored sketches (factored.py): per weight matrix, CountSketch
+factors P_row (k_r x m) and P_col (k_c x n) that shrink its gradient G to the block
+P_row G P_col^T, then one sparse projection of all blocks and vectors to the sketch length.
+
+Each factor is seeded by the spec's seed, the parameter's name, its side and sizes, so a
+sketch does not depend on which other parameters are selected, nor on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .projection import SparseProjector
+from .seeds import stable_seed
+from .spec import ProjectionSpec
+
+
+def factor_side(dim: int) -> int:
+    """Largest per-side size of a layer's intermediate block: 2**ceil(log2(sqrt(8 * dim)))
+    (256 for dim 4096 or 8192, 128 for 1024 or 2048, 512 for 16384 or 32768)."""
+    return 1 << max(0, math.ceil(math.log2(math.sqrt(8 * dim))))
+
+
+
+def factor_dims(shape: Sequence[int], dim: int) -> tuple[int, int]:
+    """(k_row, k_col) of a weight matrix of ``shape`` (m, n) under sketch length ``dim``."""
+    side = factor_side(dim)
+    return min(int(shape[0]), side), min(int(shape[1]), side)
+
+
+
+def apply_codes(x: torch.Tensor, codes: torch.Tensor | None, k: int) -> torch.Tensor:
+    """CountSketch along the last dim of ``x``: (..., size) -> (..., k); identity for None."""
+    if codes is None:
+        return x
+    acc = x.new_zeros(*x.shape[:-1], 2 * k)
+    acc.index_add_(x.dim() - 1, codes, x)
+    return acc[..., :k] - acc[..., k:]
+
+
+class FactorProjection:
+    """Factors of the weight matrices ``matrices`` (names of ``shapes``) and the final projection."""
+
+    def __init__(self, spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], matrices: Sequence[str],
+                 device: torch.device) -> None:
+        self.spec = spec
+        self.shapes = shapes
+        self.matrices = list(matrices)
+        self.device = device
+        self.final = SparseProjector(ProjectionSpec(dim=spec.dim, seed=stable_seed(spec.seed, "factored", "final"),
+                                                    mode="sparse"))
+        self._codes: dict[tuple[str, str], torch.Tensor | None] = {}
+
+    def codes(self, name: str, side: str) -> torch.Tensor | None:
+        """CountSketch codes ``h + k * [sign < 0]`` (int64, one per row (side "row") or column
+        ("col") of matrix ``name``) of its factor, or None when that side is not projected."""
+        key = (name, side)
+        if key not in self._codes:
+            m, n = self.shapes[name]
+            k_r, k_c = factor_dims((m, n), self.spec.dim)
+            size, k = (m, k_r) if side == "row" else (n, k_c)
+            if k >= size:
+                self._codes[key] = None
+            else:
+                gen = torch.Generator().manual_seed(stable_seed(self.spec.seed, "factored", name, side, size, k))
+                self._codes[key] = torch.randint(0, 2 * k, (size,), generator=gen).to(self.device)
+        return self._codes[key]
+
+    def factor(self, name: str, side: str) -> torch.Tensor | None:
+        """The factor as a dense (k, size) matrix (one +-1 per column), or None for identity:
+        P_row (side "row") or P_col ("col") of matrix ``name``. For checks; never used to project."""
+        codes = self.codes(name, side)
+        if codes is None:
+            return None
+        k = self.block_shape(name)[0 if side == "row" else 1]
+        codes = codes.cpu()
+        mat = torch.zeros(k, codes.numel())
+        mat[codes % k, torch.arange(codes.numel())] = torch.where(codes < k, 1.0, -1.0)
+        return mat
+
+    def block_shape(self, name: str) -> tuple[int, int]:
+        return factor_dims(self.shapes[name], self.spec.dim)
+
+    def reference_blocks(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Intermediate blocks P_row G P_col^T (matrices) / exact vectors of explicit gradients
+        (name -> (B, *shape)): what the factored path computes without materialising G."""
+        out = {}
+        for name, grad in grads.items():
+            grad = grad.float()
+            if name in self.matrices:
+                k_r, k_c = self.block_shape(name)
+                grad = apply_codes(grad, self.codes(name, "col"), k_c)
+                grad = apply_codes(grad.transpose(1, 2), self.codes(name, "row"), k_r).transpose(1, 2).contiguous()
+            out[name] = grad
+        return out
+
+    def reference(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, dim) sketches of explicit per-example gradients under the same seeded factors."""
+        return self.final.project(self.reference_blocks(grads))
