@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from torch import nn
-
 from tqdm import tqdm
 
 from .codecs import DEFAULT_COMPRESSOR

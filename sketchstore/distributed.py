@@ -4,9 +4,10 @@ A ``dask.distributed.Client`` is one more executor for ``scoring.score``: the st
 reads (reads.py), each task (``scoring.TASK_CHUNKS`` chunks of one part) is sent with the
 store's location and its row numbers, each worker opens the store itself and reads its rows,
 and only the per-row scores come back; validation targets, bookkeeping and writes stay on the
-calling process (:func:`scoring_executor` also offers a thread pool). The validation matrix (k x number of sets) is sent to every worker once. The
+calling process. The validation matrix (k x number of sets) is sent to every worker once. The
 store must therefore be readable by every worker under the same name: a directory on a shared
-filesystem, or an object-storage URL, on a real cluster. This module only connects clients.
+filesystem, or an object-storage URL, on a real cluster. This module only makes executors:
+Dask clients (:func:`dask_client`) and, for ``sketch score``, a thread pool (:func:`scoring_executor`).
 """
 
 from __future__ import annotations

@@ -24,12 +24,10 @@ def factor_side(dim: int) -> int:
     return 1 << max(0, math.ceil(math.log2(math.sqrt(8 * dim))))
 
 
-
 def factor_dims(shape: Sequence[int], dim: int) -> tuple[int, int]:
     """(k_row, k_col) of a weight matrix of ``shape`` (m, n) under sketch length ``dim``."""
     side = factor_side(dim)
     return min(int(shape[0]), side), min(int(shape[1]), side)
-
 
 
 def apply_codes(x: torch.Tensor, codes: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -60,7 +58,7 @@ class FactorProjection:
         key = (name, side)
         if key not in self._codes:
             m, n = self.shapes[name]
-            k_r, k_c = factor_dims((m, n), self.spec.dim)
+            k_r, k_c = self.block_shape(name)
             size, k = (m, k_r) if side == "row" else (n, k_c)
             if k >= size:
                 self._codes[key] = None
