@@ -1,0 +1,455 @@
+"""Factored sketches vs EleutherAI's Bergson (2.5.1), side by side on one CPU thread each.
+
+Same models, same SFT rows, same sketch size (k = 8192 coordinates), exact gradients as the
+reference. Bergson runs in its own virtual environment (created here on first use:
+``.cache/bergson-venv``, no system site packages, torch 2.13.0 the CPU wheel, then
+``pip install --no-deps bergson==2.5.1`` and the runtime dependencies below, one by one).
+
+Per model (cropi.tiny_model sizes: ``tiny`` = 2 layers h64, ``small`` = 4 layers h256, both
+tied-embedding Qwen2), on ``--rows`` train rows and ``--val-rows`` validation rows
+(cropi.tasks word problems with their reference responses):
+
+  exact          per-row gradients, unprojected (each tool's own objective: ours averages the
+                 response's tokens incl. the end-of-turn tokens of the chat template, Bergson
+                 only the assistant content; ours over all parameters or the linear weights,
+                 Bergson over the linear modules it tracks)
+  bergson p=P    ``bergson build --projection_dim P --loss_reduction mean``: per-module P x P
+                 Rademacher Kronecker blocks, fp32; P swept, and the headline P has
+                 P * P * modules ~ k
+  ours LABEL     ``build_sketches`` (what ``sketch build`` runs) with factored or sparse specs
+
+Influence score of a train row = mean over validation rows of cos(g, v), the same function
+for every method; fidelity = Spearman of the scores against the exact ones, and overlap of
+the top-10% sets. Speed: ``rows/s compute`` = train rows / time of the gradient-and-sketch
+loop only (Bergson's ``collect_gradients``, our sketcher's ``sketch_rows``); ``cpu`` the
+same over that loop's process CPU time (one thread: robust to a busy machine); ``rows/s wall``
+= train rows / wall time of the CLI command (``bergson build``, ``sketch build``: imports,
+model load, tokenising, writing included). Bytes/row: on-disk size of the train output / rows.
+Every configuration runs ``--repeats`` times, alternating tools; medians are reported.
+
+    .venv/bin/python benchmarks/vs_bergson.py                 # both models, 3 repeats
+    .venv/bin/python benchmarks/vs_bergson.py --quick         # smoke run
+
+Ends with one JSON line; ``--plot`` writes the fidelity-vs-speed figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".cache" / "bergson-venv"
+TORCH_PIN = "torch==2.13.0"
+BERGSON_PIN = "bergson==2.5.1"
+#: What ``bergson build`` imports at run time besides torch (bergson's other declared
+#: requirements, torchvision/torchaudio/bitsandbytes/torchopt among them, are never imported by it).
+BERGSON_DEPS = ("transformers==5.19.0", "datasets", "accelerate", "peft", "simple-parsing", "jaxtyping",
+                "natsort", "ml_dtypes", "scipy", "pyyaml", "jinja2", "psutil")
+MODELS = ("tiny", "small")
+DIM = 8192
+TOP_FRACTION = 0.1
+#: Glob of the linear weights (what Bergson tracks): our "linear layers only" runs.
+LINEAR_GLOB = "model.layers.*proj.weight"
+#: Our configurations: label -> (ProjectionSpec fields, BuildConfig fields).
+OURS = {
+    "factored": ({"mode": "factored"}, {"batch_size": 32}),
+    "factored_sketch_norms": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch"}),
+    "factored_linear": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch", "params": (LINEAR_GLOB,)}),
+    "sparse": ({"mode": "sparse"}, {"batch_size": 8}),
+}
+#: Bergson's projection_dim sweep per model; the first is the headline (p * p * modules ~ DIM).
+BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34)}
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def influence(train, val):
+    """Mean cosine of each train row with the validation rows (numpy, float64)."""
+    import numpy as np
+
+    def unit(x):
+        x = np.asarray(x, dtype=np.float64)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+    return (unit(train) @ unit(val).mean(0)).tolist()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def read_ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Timer:
+    """Wall and process CPU seconds accumulated over ``with`` blocks."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._w
+        self.cpu += time.process_time() - self._c
+
+
+# ------------------------------------------------------------------------------ children
+def child_exact(args) -> dict:
+    """Exact influence scores of our SFT objective: all parameters and the linear weights only."""
+    import fnmatch
+
+    import torch
+
+    from sketchstore.gradients import load_model, per_example_gradients, select_parameters
+    from sketchstore.sft import SFTObjective
+
+    model, tok = load_model(args.model)
+    params = select_parameters(model)
+    objective = SFTObjective(tok)
+    linear = [n for n, _ in params if fnmatch.fnmatchcase(n, LINEAR_GLOB)]
+    sets = {"all": [n for n, _ in params], "linear": linear}
+
+    def flats(path):
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        for item in per_example_gradients(model, objective, rows, params):
+            yield {key: torch.cat([item.grads[n].flatten() for n in names]).double() for key, names in sets.items()}
+
+    target = {key: None for key in sets}
+    for flat in flats(args.val):
+        for key, vec in flat.items():
+            vec = vec / vec.norm()
+            target[key] = vec if target[key] is None else target[key] + vec
+    scores = {key: [] for key in sets}
+    for flat in flats(args.train):
+        for key, vec in flat.items():
+            scores[key].append(float(vec @ target[key] / vec.norm() / args.val_rows))
+    return {"scores": scores, "n_params": {key: sum(dict(params)[n].numel() for n in names) for key, names in sets.items()}}
+
+
+def _bergson_config(args, data: Path, run: Path, p: int):
+    from bergson.config.config import DataConfig, IndexConfig
+
+    return IndexConfig(run_path=str(run), model=str(args.model), precision="fp32", overwrite=True,
+                       data=DataConfig(dataset=str(data), prompt_column="prompt", completion_column="response"),
+                       projection_dim=p, loss_reduction="mean", token_batch_size=args.token_batch)
+
+
+def child_bergson(args) -> dict:
+    """Bergson's build (its Python entry point, bergson.build.build) per projection_dim; the
+    gradient loop (collect_gradients) is timed."""
+    import bergson.build as bbuild
+    from bergson import load_gradients
+    from bergson.config.config import PreprocessConfig
+
+    timer = Timer()
+    collect = bbuild.collect_gradients
+
+    def timed(*a, **k):
+        with timer:
+            return collect(*a, **k)
+
+    bbuild.collect_gradients = timed
+    out = {}
+    work = Path(args.work)
+    for p in [int(x) for x in args.ps.split(",")]:
+        grads = {}
+        for split in ("val", "train"):
+            run = work / f"bergson-p{p}-{split}"
+            shutil.rmtree(run, ignore_errors=True)
+            timer.wall = timer.cpu = 0.0
+            bbuild.build(_bergson_config(args, Path(getattr(args, split)), run, p), PreprocessConfig())
+            grads[split] = load_gradients(run)
+        out[f"p{p}"] = {"scores": influence(grads["train"], grads["val"]), "compute_s": timer.wall,
+                        "cpu_s": timer.cpu, "width": int(grads["train"].shape[1]),
+                        "bytes_per_row": dir_bytes(work / f"bergson-p{p}-train") / len(grads["train"])}
+    return out
+
+
+def child_bergson_exact(args) -> dict:
+    """Exact influence scores of Bergson's objective: its own tokenisation and labels
+    (bergson.data.tokenize), loss = mean over labelled tokens, gradients of the modules it
+    tracks (the keys of a built index's grad_sizes), one backward per row."""
+    import torch
+    from bergson.config.config import DataConfig
+    from bergson.data import tokenize
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    modules = list(json.loads((Path(args.index) / "info.json").read_text())["grad_sizes"])
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    weights = [model.base_model.get_submodule(m).weight for m in modules]
+    cfg = DataConfig(dataset="", prompt_column="prompt", completion_column="response")
+
+    def flats(path):
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        enc = tokenize({"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows]},
+                       args=cfg, tokenizer=tok)
+        for ids, labels in zip(enc["input_ids"], enc["labels"]):
+            x, y = torch.tensor([ids]), torch.tensor([labels])
+            logits = model(x).logits[:, :-1]
+            mask = y[:, 1:] != -100
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].flatten(),
+                                                     reduction="sum") / mask.sum()
+            yield torch.cat([g.flatten() for g in torch.autograd.grad(loss, weights)]).double()
+
+    target = None
+    for vec in flats(args.val):
+        target = vec / vec.norm() if target is None else target + vec / vec.norm()
+    return {"scores": [float(v @ target / v.norm() / args.val_rows) for v in flats(args.train)],
+            "n_params": sum(w.numel() for w in weights)}
+
+
+def child_ours(args) -> dict:
+    """Our builds (build_sketches, what `sketch build` runs), one per configuration; the
+    sketcher's sketch_rows is timed."""
+    import numpy as np
+
+    import sketchstore.build as sbuild
+    from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches
+
+    timer = Timer()
+    make = sbuild.make_sketcher
+
+    def timed_sketcher(*a, **k):
+        sketcher = make(*a, **k)
+        rows = sketcher.sketch_rows
+
+        def sketch_rows(*aa, **kk):
+            with timer:
+                return rows(*aa, **kk)
+
+        sketcher.sketch_rows = sketch_rows
+        return sketcher
+
+    sbuild.make_sketcher = timed_sketcher
+    work = Path(args.work)
+    out = {}
+    for label in args.configs.split(","):
+        spec_fields, build_fields = OURS[label]
+        got = {}
+        for split in ("val", "train"):
+            store = work / f"ours-{label}-{split}"
+            shutil.rmtree(store, ignore_errors=True)
+            timer.wall = timer.cpu = 0.0
+            build_sketches(BuildConfig(model=Path(args.model), data=Path(getattr(args, split)), store=store,
+                                       checkpoint="c", split=split, spec=ProjectionSpec(dim=args.dim, **spec_fields),
+                                       **build_fields), progress=False)
+            ids, rows = SketchStore.open(store).read("c", split, ids=read_ids(getattr(args, split)))
+            got[split] = rows.float().numpy().astype(np.float64)
+        out[label] = {"scores": influence(got["train"], got["val"]), "compute_s": timer.wall, "cpu_s": timer.cpu,
+                      "bytes_per_row": dir_bytes(work / f"ours-{label}-train") / len(got["train"])}
+    return out
+
+
+CHILDREN = {"exact": child_exact, "bergson": child_bergson, "bergson_exact": child_bergson_exact, "ours": child_ours}
+
+
+# ------------------------------------------------------------------------------ parent
+def ensure_venv(venv: Path) -> Path:
+    """Bergson's own virtual environment; created (once) with pip, package by package."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".bergson-installed"
+    if stamp.is_file():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    for step in ([TORCH_PIN], ["--no-deps", BERGSON_PIN], *[[d] for d in BERGSON_DEPS]):
+        print(f"[venv] pip install {' '.join(step)}", flush=True)
+        subprocess.run(pip + step, check=True)
+    probe = "import torch, bergson.build; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+    subprocess.run([str(python), "-c", probe], check=True)
+    stamp.write_text(" ".join([TORCH_PIN, BERGSON_PIN, *BERGSON_DEPS]) + "\n")
+    return python
+
+
+def thread_env(threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return env
+
+
+def run_child(python: Path, args, task: str, **extra) -> dict:
+    cmd = [str(python), __file__, "--child", task, "--threads", str(args.threads), "--dim", str(args.dim),
+           "--token-batch", str(args.token_batch), "--val-rows", str(args.val_rows)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(args.threads))
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {task} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def timed_command(cmd: list[str], threads: int) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(threads))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import numpy as np
+
+    def rank(x):
+        order = np.argsort(np.asarray(x, dtype=np.float64), kind="stable")
+        ranks = np.empty(len(x))
+        ranks[order] = np.arange(len(x))
+        return ranks
+
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def top_overlap(a: list[float], b: list[float]) -> float:
+    n = max(1, round(TOP_FRACTION * len(a)))
+    top = lambda s: set(sorted(range(len(s)), key=lambda i: -s[i])[:n])
+    return len(top(a) & top(b)) / n
+
+
+def summarise(runs: list[dict], exact: list[float], rows: int) -> dict:
+    """Median speed over repeats, fidelity of the first repeat (projections are seeded: equal)."""
+    first = runs[0]
+    return {"spearman": round(spearman(first["scores"], exact), 4), "top10": round(top_overlap(first["scores"], exact), 3),
+            "rows_per_s_compute": round(statistics.median(rows / r["compute_s"] for r in runs), 2),
+            "rows_per_s_cpu": round(statistics.median(rows / r["cpu_s"] for r in runs), 2),
+            "bytes_per_row": round(first["bytes_per_row"])}
+
+
+def prepare(work: Path, size: str, rows: int, val_rows: int) -> tuple[Path, Path, Path]:
+    sys.path.insert(0, str(ROOT))
+    from cropi.tasks import generate_tasks
+    from cropi.tiny_model import build_tiny_model
+    from sketchstore.data import write_rows
+
+    model = build_tiny_model(work / f"model-{size}", size=size, seed=0)
+    train = write_rows(generate_tasks(rows, seed=1), work / "train.jsonl")
+    val = write_rows(generate_tasks(val_rows, seed=2), work / "val.jsonl")
+    return model, Path(train), Path(val)
+
+
+def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
+    work = root / size
+    work.mkdir(parents=True, exist_ok=True)
+    model, train, val = prepare(work, size, args.rows, args.val_rows)
+    paths = dict(model=model, train=train, val=val, work=work)
+    ps = BERGSON_P[size]
+    configs = [c for c in args.ours.split(",") if c]
+    exact = run_child(Path(sys.executable), args, "exact", **paths)
+    ours_runs, bergson_runs, walls = [], [], {"bergson": [], "ours_factored": []}
+    for rep in range(args.repeats):
+        bergson_runs.append(run_child(bergson_py, args, "bergson", ps=",".join(map(str, ps)), **paths))
+        ours_runs.append(run_child(Path(sys.executable), args, "ours", configs=",".join(configs), **paths))
+        run = work / "wall-bergson"
+        walls["bergson"].append(timed_command(
+            [str(bergson_py.parent / "bergson"), "build", str(run), "--model", str(model), "--dataset", str(train),
+             "--prompt_column", "prompt", "--completion_column", "response", "--projection_dim", str(ps[0]),
+             "--loss_reduction", "mean", "--precision", "fp32", "--token_batch_size", str(args.token_batch),
+             "--overwrite"], args.threads))
+        store = work / "wall-ours"
+        shutil.rmtree(store, ignore_errors=True)
+        walls["ours_factored"].append(timed_command(
+            [str(Path(sys.executable).parent / "sketch"), "build", "--model", str(model), "--data", str(train),
+             "--store", str(store), "--checkpoint", "c", "--split", "train", "--dim", str(args.dim),
+             "--projection", "factored", "--batch-size", "32"], args.threads))
+        print(f"[{size}] repeat {rep + 1}/{args.repeats} done", flush=True)
+    bergson_exact = run_child(bergson_py, args, "bergson_exact", index=work / f"bergson-p{ps[0]}-train", **paths)
+    result = {"params_all": exact["n_params"]["all"], "params_linear": exact["n_params"]["linear"],
+              "params_bergson": bergson_exact["n_params"], "methods": {}}
+    for p in ps:
+        key = f"p{p}"
+        result["methods"][f"bergson_{key}"] = {
+            **summarise([r[key] for r in bergson_runs], bergson_exact["scores"], args.rows),
+            "width": bergson_runs[0][key]["width"]}
+    for label in configs:
+        reference = exact["scores"]["linear" if "params" in OURS[label][1] else "all"]
+        result["methods"][f"ours_{label}"] = summarise([r[label] for r in ours_runs], reference, args.rows)
+    result["rows_per_s_wall"] = {k: round(statistics.median(args.rows / w for w in v), 2) for k, v in walls.items()}
+    for name, m in result["methods"].items():
+        print(f"[{size}] {name:28s} spearman {m['spearman']:.4f} top10 {m['top10']:.2f}  compute "
+              f"{m['rows_per_s_compute']:7.2f} rows/s (cpu {m['rows_per_s_cpu']:7.2f})  {m['bytes_per_row']:7d} B/row",
+              flush=True)
+    print(f"[{size}] wall rows/s (CLI, import+load included): {result['rows_per_s_wall']}", flush=True)
+    return result
+
+
+def plot(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary["models"]), figsize=(6 * len(summary["models"]), 4.5))
+    for ax, (size, res) in zip(axes if len(summary["models"]) > 1 else [axes], summary["models"].items()):
+        for tool, marker in (("bergson", "s"), ("ours", "o")):
+            pts = sorted((m["rows_per_s_cpu"], m["spearman"], name) for name, m in res["methods"].items()
+                         if name.startswith(tool + "_"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label="Bergson 2.5.1" if tool == "bergson" else "ours")
+            for x, y, name in pts:
+                ax.annotate(name.split("_", 1)[1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.axhline(0.99, color="grey", lw=0.5, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("rows/s (build compute, per CPU second, 1 thread)")
+        ax.set_ylabel("Spearman of influence scores vs exact")
+        ax.set_title(f"{size} Qwen2 ({res['params_all'] / 1e6:.1f}M params), k = {summary['dim']}")
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rows", type=int, default=256, help="train rows")
+    parser.add_argument("--val-rows", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=DIM)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--token-batch", type=int, default=1024, help="Bergson's --token_batch_size")
+    parser.add_argument("--ours", default=",".join(OURS), help="our configurations (labels of OURS)")
+    parser.add_argument("--venv", type=Path, default=VENV)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="write the fidelity-vs-speed figure here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few rows, one repeat")
+    for hidden in ("child", "model", "train", "val", "ps", "configs", "index"):
+        parser.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(CHILDREN[args.child](args)))
+        return
+    if args.quick:
+        args.models, args.rows, args.val_rows, args.repeats = "tiny", 32, 8, 1
+    bergson_py = ensure_venv(args.venv)
+    with tempfile.TemporaryDirectory(prefix="vs-bergson-") as tmp:
+        root = Path(args.work or tmp)
+        start = time.perf_counter()
+        summary = {"dim": args.dim, "rows": args.rows, "val_rows": args.val_rows, "threads": args.threads,
+                   "repeats": args.repeats, "load_avg_start": os.getloadavg()[0], "models": {}}
+        for size in args.models.split(","):
+            summary["models"][size] = bench_model(args, bergson_py, size, root)
+        summary["load_avg_end"] = os.getloadavg()[0]
+        summary["total_s"] = round(time.perf_counter() - start, 1)
+    if args.plot:
+        plot(summary, args.plot)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
