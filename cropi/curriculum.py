@@ -28,9 +28,9 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
-from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, fuse, load_scores, score
+from sketchstore import ProjectionSpec
 from sketchstore.atomic import write_text_atomic
 from sketchstore.data import read_rows, write_rows
 from sketchstore.options import option
@@ -38,14 +38,13 @@ from sketchstore.selection import FUSIONS
 
 from .checks import check_choice, check_int
 from .errors import BadConfigError
-from .popi import POPIOptions
+from .influence import POOL_SPLIT, describe_influence, pass_rates, sketch_and_score, stored_selection
 from .rollout import RolloutConfig, run_rollouts
 from .run_dir import CKPT_DIR
-from .strategies import FILLS, INFLUENCE_STRATEGIES, STRATEGIES, count_for, influence_selection, static_selection
+from .strategies import FILLS, INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
 from .tasks import read_tasks
 from .train_config import TrainConfig
 from .trainer import GRPOTrainer
-from .trajectory import read_trajectories
 
 STATE_NAME = "curriculum.json"
 DEFAULT_FRACTION = 0.1  # the paper selects ~10% of the pool per stage
@@ -110,22 +109,6 @@ def _save_state(out: Path, state: dict) -> None:
     write_text_atomic(out / STATE_NAME, json.dumps(state, indent=1, default=str))
 
 
-def describe_influence(stage: int, best: Mapping[str, float], chosen: Sequence[str], fill: str) -> str:
-    """One log line: how many pool prompts align with the validation gradient (best score over
-    validation sets > 0), how many have none (score 0: zero gradient), how many of the chosen
-    align, and what filled the rest (``fill``)."""
-    positive = sum(v > 0 for v in best.values())
-    zero = sum(v == 0 for v in best.values())
-    chosen_positive = sum(best[i] > 0 for i in chosen)
-    line = (f"stage {stage}: influence > 0 for {positive} of {len(best)} pool prompts ({zero} with zero gradient); "
-            f"{chosen_positive} of {len(chosen)} selected align")
-    if chosen_positive < len(chosen):
-        filled = {"ties": "zero or negative scores (ties in hash order)", "learnable": "the most learnable "
-                  "unaligned prompts (p(1-p))", "fewer": "nothing"}[fill]
-        line += f" -- the rest are filled from {filled}"
-    return line
-
-
 class Curriculum:
     """Runs (or resumes) one strategy's stages; see the module docstring."""
 
@@ -170,33 +153,18 @@ class Curriculum:
             self.state["behaviour"] = f"stage{stage}"
             self.state["behaviour_stage"] = stage
             _save_state(self.out, self.state)
-        files = {"pool": self.pool_file, **{f"val-{n}": f for n, f in self.val_files.items()}}
+        files = {POOL_SPLIT: self.pool_file, **{f"val-{n}": f for n, f in self.val_files.items()}}
         return {split: self._trajectories(data) for split, data in files.items()}
-
-    def pass_rates(self, trajectories: Path) -> dict[str, float]:
-        table = read_trajectories(trajectories, columns=["prompt_id", "pass_rate"])
-        return dict(zip(table.column("prompt_id").to_pylist(), table.column("pass_rate").to_pylist()))
 
     # ------------------------------------------------------------------ selection
     def influence_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path]) -> list[str]:
         c = self.config
-        store_path = self.out / "store"
-        spec = c.spec
-        name = f"stage{stage}"
-        for split, traj in trajectories.items():
-            report = build_sketches(BuildConfig(model=checkpoint, data=None, store=store_path, checkpoint=name,
-                                                split=split, spec=spec, objective=POPIOptions(trajectories=traj),
-                                                device=c.train.device), progress=False)
-            self.log(f"stage {stage}: {split} sketches {report.added} new, {report.skipped} reused")
-        store = SketchStore.open(store_path, writable=True)
-        train = SplitRef(name, "pool")
-        vals = [SplitRef(name, f"val-{n}") for n in self.val_files]
-        score(store, train, vals, ScoreOptions(), progress=False)
-        per_set = load_scores(store, train, vals)  # read once: for the selection and for its summary
-        fused = fuse([per_set[v] for v in vals], c.fusion)
-        best = {i: max(scores[i] for scores in per_set.values()) for i in fused}
-        rates = self.pass_rates(trajectories["pool"]) if c.fill == "learnable" else None
-        chosen = influence_selection(fused, best, c.fraction, c.fill, rates)
+        store, name = self.out / "store", f"stage{stage}"
+        sketch_and_score(store, name, checkpoint, trajectories, c.spec, c.train.device,
+                         log=lambda line: self.log(f"stage {stage}: {line}"))
+        rates = pass_rates(trajectories[POOL_SPLIT]) if c.fill == "learnable" else None
+        chosen, best = stored_selection(store, name, [f"val-{n}" for n in self.val_files], c.fraction, c.fusion,
+                                        c.fill, rates)
         self.log(describe_influence(stage, best, chosen, c.fill))
         return chosen
 
@@ -211,7 +179,7 @@ class Curriculum:
         elif c.strategy in INFLUENCE_STRATEGIES:
             ids = self.influence_selection(stage, checkpoint, trajectories)
         else:
-            rates = self.pass_rates(trajectories["pool"]) if trajectories else {}
+            rates = pass_rates(trajectories[POOL_SPLIT]) if trajectories else {}
             ids = static_selection(c.strategy, [r["id"] for r in self.pool_rows], rates, c.fraction, c.seed)
         write_rows([{"id": i, "stage": stage} for i in ids], path)
         return ids
