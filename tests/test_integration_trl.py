@@ -138,6 +138,7 @@ def test_callback_swaps_prompts_to_each_stage_selection(tiny_model, setting, tmp
     assert chosen[0] != chosen[1]  # the stage boundary really changes the prompts
     assert stages_of(reward.batches, 1) == [sorted(c) for c in chosen]
     assert (tmp_path / "cropi" / "checkpoints" / "stage1" / "config.json").is_file()
+    assert sel.saved(2) is None  # no selection after the last epoch
 
 
 def test_stage_loop_restarts_grpo_trainer_on_each_selection(tiny_model, setting, tmp_path):

@@ -156,5 +156,5 @@ class CROPICallback(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
                      processing_class: Any = None, **kwargs: Any) -> None:
         stage = round(state.epoch)
-        if stage < args.num_train_epochs and stage != self.stage:
+        if state.global_step < state.max_steps and stage != self.stage:  # another epoch follows
             self._select(stage, model, processing_class)
