@@ -70,6 +70,12 @@ class _StopAt(TrainerCallback):
         return control
 
 
+def _one_process(args: TrainingArguments) -> None:
+    if args.world_size > 1:
+        raise BadConfigError(f"CROPI's TRL integration runs in one process; this run has {args.world_size} "
+                             "(each would sketch and select on its own)")
+
+
 def _stage_checkpoint(output_dir: Path, stage: int, steps_per_stage: int) -> Path:
     return output_dir / f"{CHECKPOINT_PREFIX}{stage * steps_per_stage}"
 
@@ -84,6 +90,7 @@ def run_trl_stages(model: str | Path, dataset: Dataset, reward_funcs: Any, args:
     ``GRPOTrainer``."""
     check_int("stages", stages, 1)
     check_int("steps_per_stage", steps_per_stage, 1)
+    _one_process(args)
     index = row_index(dataset, id_column)
     output_dir = Path(args.output_dir)
     done = max((s for s in range(1, stages + 1) if _stage_checkpoint(output_dir, s, steps_per_stage).is_dir()),
@@ -145,6 +152,7 @@ class CROPICallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
                        processing_class: Any = None, **kwargs: Any) -> None:
+        _one_process(args)
         if args.remove_unused_columns:
             raise BadConfigError("CROPICallback needs remove_unused_columns=False (GRPOConfig's default)")
         per_batch = args.generation_batch_size // args.num_generations
