@@ -70,11 +70,15 @@ def stage_ids(store, name):
                                  top=FRACTION)]
 
 
-def batches(config, dataset, steps):
-    """The prompt ids of each batch of ``steps`` steps, looping like RayPPOTrainer.fit."""
+def loader_for(config, dataset):
+    """verl's sampler and dataloader for ``config``, built as RayPPOTrainer builds them."""
     sampler = create_rl_sampler(config, dataset)
-    loader = StatefulDataLoader(dataset=dataset, batch_size=config.train_batch_size, num_workers=0, drop_last=True,
-                                collate_fn=collate_fn, sampler=sampler)
+    return sampler, StatefulDataLoader(dataset=dataset, batch_size=config.train_batch_size, num_workers=0,
+                                       drop_last=True, collate_fn=collate_fn, sampler=sampler)
+
+
+def train_steps(sampler, loader, steps):
+    """The prompt ids of each batch of ``steps`` steps, looping like RayPPOTrainer.fit."""
     seen = []
     while len(seen) < steps:
         for batch_dict in loader:
@@ -83,7 +87,12 @@ def batches(config, dataset, steps):
             sampler.update(batch=batch)
             if len(seen) == steps:
                 break
-    return sampler, seen
+    return seen
+
+
+def batches(config, dataset, steps):
+    sampler, loader = loader_for(config, dataset)
+    return sampler, train_steps(sampler, loader, steps)
 
 
 def test_verl_loads_sampler_and_it_follows_the_stages(store, verl_parquet, tiny_model, tmp_path):
@@ -110,5 +119,18 @@ def test_missing_scores_and_bad_config(store, verl_parquet, tiny_model, tmp_path
         create_rl_sampler(data_config(store, tmp_path, id_key="extra_info.id"), dataset)
     with pytest.raises(AssertionError, match="num_workers must be 0"):  # verl's own check
         create_rl_sampler(OmegaConf.merge(data_config(store, tmp_path), {"dataloader_num_workers": 2}), dataset)
-    resumed = create_rl_sampler(data_config(store, tmp_path, start_step=STEPS_PER_STAGE), dataset)
-    assert resumed.stage == 1 and sorted(resumed.ids) == sorted(stage_ids(store, "stage1"))
+
+
+def test_resumes_from_the_dataloader_state(store, verl_parquet, tiny_model, tmp_path):
+    """verl checkpoints StatefulDataLoader.state_dict(), which holds the sampler's state: a run
+    resumed after step 4 (stage 1, mid-epoch) draws what the uninterrupted run draws."""
+    config = data_config(store, tmp_path)
+    dataset = RLHFDataset(str(verl_parquet), AutoTokenizer.from_pretrained(str(tiny_model)), config.copy())
+    _, whole = batches(config, dataset, 7)
+    sampler, loader = loader_for(config, dataset)
+    assert train_steps(sampler, loader, 4) == whole[:4]
+    state = loader.state_dict()
+    sampler, loader = loader_for(config, dataset)
+    loader.load_state_dict(state)  # applied to the sampler when the next epoch iterator starts
+    assert train_steps(sampler, loader, 3) == whole[4:]
+    assert (sampler.step, sampler.stage) == (7, 1)

@@ -22,10 +22,11 @@ Keys under ``data.sampler`` (add them with ``+data.sampler.<key>=...``)::
     pool_split       the pool's split in the store (default pool)
     id_key           the dataset field holding the store's prompt id (default extra_info.index;
                      dots reach into nested fields)
-    start_step       updates already done, for a resumed run (default 0)
 
 An epoch is ``fraction x len(dataset)`` draws; within a stage the selection is drawn in a seeded
-random order, reshuffled when exhausted (so a ``fewer`` selection still fills the epoch).
+random order, reshuffled when exhausted (so a ``fewer`` selection still fills the epoch). The
+sampler is stateful (``state_dict``/``load_state_dict``): verl's ``StatefulDataLoader`` saves it
+with each checkpoint and a resumed run continues at the same step, stage and draw.
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ class CROPISampler(AbstractCurriculumSampler):
         if len(self.index) != len(ids):
             raise BadConfigError("dataset prompt ids (data.sampler.id_key) are not unique")
         self.size = count_for(self.fraction, len(ids))
-        self.step = check_int("data.sampler.start_step", cfg.get("start_step", 0), 0)
+        self.step = 0
         self.stage = -1
         self._order: list[int] = []
-        self._draws = 0
-        self._enter(self._stage_at(self.step))
+        self._draws = 0  # shuffles so far (seeds the next one)
+        self._left = 0  # draws left in the current epoch
+        self._enter(0)
 
     def _stage_at(self, step: int) -> int:
         return min(step // self.steps_per_stage, len(self.checkpoints) - 1)
@@ -131,11 +133,25 @@ class CROPISampler(AbstractCurriculumSampler):
         return self._order.pop()
 
     def __iter__(self) -> Iterator[int]:
-        for _ in range(self.size):
+        if not self._left:  # a new epoch (else: the rest of one restored from a checkpoint)
+            self._left = self.size
+        while self._left:
+            self._left -= 1
             yield self._next()
 
     def __len__(self) -> int:
         return self.size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler stands: step, stage, the rest of the current order and epoch."""
+        return {"step": self.step, "stage": self.stage, "order": list(self._order), "draws": self._draws,
+                "left": self._left}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the stage's selection is read from the store again)."""
+        self.step = state["step"]
+        self._enter(state["stage"])
+        self._order, self._draws, self._left = list(state["order"]), state["draws"], state["left"]
 
     def update(self, batch: DataProto) -> None:
         """Called by verl after every training step; enters the next stage when it is due."""
