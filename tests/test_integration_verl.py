@@ -115,6 +115,8 @@ def test_missing_scores_and_bad_config(store, verl_parquet, tiny_model, tmp_path
         batches(config, dataset, STEPS_PER_STAGE + 1)
     with pytest.raises(BadConfigError, match="data.sampler.val is required"):
         create_rl_sampler(data_config(store, tmp_path, val=None), dataset)
+    with pytest.raises(BadConfigError, match="data.sampler.fusion must be one of"):
+        create_rl_sampler(data_config(store, tmp_path, fusion="sum"), dataset)
     with pytest.raises(BadConfigError, match="no field 'extra_info.id'"):
         create_rl_sampler(data_config(store, tmp_path, id_key="extra_info.id"), dataset)
     with pytest.raises(AssertionError, match="num_workers must be 0"):  # verl's own check

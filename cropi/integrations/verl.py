@@ -42,6 +42,7 @@ from verl.experimental.dataset.sampler import AbstractCurriculumSampler
 
 from sketchstore.errors import BadInputError, UnknownKeyError
 from sketchstore.seeds import stable_seed
+from sketchstore.selection import FUSIONS
 
 from ..checks import check_choice, check_int
 from ..errors import BadConfigError
@@ -85,7 +86,7 @@ class CROPISampler(AbstractCurriculumSampler):
             raise BadConfigError("data.sampler.val and data.sampler.checkpoints must not be empty")
         self.steps_per_stage = check_int("data.sampler.steps_per_stage", cfg.steps_per_stage, 1)
         self.fraction = float(cfg.get("fraction", 0.1))
-        self.fusion = str(cfg.get("fusion", "rrf"))
+        self.fusion = check_choice("data.sampler.fusion", cfg.get("fusion", "rrf"), FUSIONS)
         self.fill = check_choice("data.sampler.fill", cfg.get("fill", "ties"), FILLS)
         self.pool_split = str(cfg.get("pool_split", POOL_SPLIT))
         self.seed = int(data_config.get("seed") or 0)
