@@ -54,6 +54,14 @@ class StageSelector:
         check_choice("fill", self.fill, FILLS)
         count_for(self.fraction, 1)
 
+    def pool_size(self) -> int:
+        """How many prompts the pool's behaviour trajectories hold."""
+        return len(pass_rates(self.trajectories[POOL_SPLIT]))
+
+    def stage_size(self) -> int:
+        """How many prompts a stage selects (``fill='fewer'`` may select fewer)."""
+        return count_for(self.fraction, self.pool_size())
+
     @property
     def store(self) -> Path:
         return self.out / "store"

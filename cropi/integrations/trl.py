@@ -31,7 +31,6 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..checks import check_int
 from ..errors import BadConfigError
-from ..strategies import count_for
 from .stages import StageSelector, stage_name
 
 CHECKPOINT_PREFIX = "checkpoint-"  # transformers' Trainer checkpoint directories
@@ -48,11 +47,16 @@ def row_index(dataset: Dataset, id_column: str) -> dict[str, int]:
     return index
 
 
-def selected_rows(dataset: Dataset, index: dict[str, int], ids: Sequence[str]) -> Dataset:
-    """The rows of ``ids``, in that order; an id the dataset lacks is an error."""
+def check_selected(index: dict[str, int], ids: Sequence[str]) -> None:
+    """An id the dataset lacks (a pool prompt that is not a dataset row) is an error."""
     missing = [i for i in ids if i not in index]
     if missing:
         raise BadConfigError(f"selected id {missing[0]!r} is not in the dataset ({len(missing)} missing)")
+
+
+def selected_rows(dataset: Dataset, index: dict[str, int], ids: Sequence[str]) -> Dataset:
+    """The rows of ``ids``, in that order."""
+    check_selected(index, ids)
     return dataset.select([index[i] for i in ids])
 
 
@@ -121,7 +125,7 @@ class CROPICallback(TrainerCallback):
         self.dataset = dataset
         self.index = row_index(dataset, id_column)
         self.log = log
-        self.size = count_for(selector.fraction, len(self.index))
+        self.size = selector.stage_size()
         if selector.fill == "fewer":
             raise BadConfigError("fill 'fewer' can select fewer prompts than the fraction; an epoch-per-stage "
                                  "dataset needs the same count every stage (use 'ties' or 'learnable')")
@@ -144,11 +148,9 @@ class CROPICallback(TrainerCallback):
         ids = self.selector.select(stage, checkpoint)
         if len(ids) != self.size:
             raise BadConfigError(f"stage {stage} selected {len(ids)} prompts, expected {self.size}")
-        missing = [i for i in ids if i not in self.index]
-        if missing:
-            raise BadConfigError(f"selected id {missing[0]!r} is not in the dataset ({len(missing)} missing)")
+        check_selected(self.index, ids)
         self.ids, self.stage = ids, stage
-        self.log(f"stage {stage}: training on {len(ids)} of {len(self.index)} prompts")
+        self.log(f"stage {stage}: training on {len(ids)} of {self.selector.pool_size()} pool prompts")
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
                        processing_class: Any = None, **kwargs: Any) -> None:
