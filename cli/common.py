@@ -8,21 +8,21 @@ from typing import Callable
 
 import click
 
-from cropi.errors import CropiError
-from sketchstore.errors import SketchStoreError
+from sketchstore.errors import UserError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
 def one_line_errors(func: Callable) -> Callable:
-    """Turn library errors into ``error: ...`` on stderr and exit code 2 (no traceback)."""
+    """Turn library errors (sketchstore's, and those of plugins such as cropi) into ``error: ...`` on
+    stderr and exit code 2 (no traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (SketchStoreError, CropiError) as err:
+        except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:

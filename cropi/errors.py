@@ -1,8 +1,11 @@
 """Errors raised by cropi. Each message is one line that names the bad input; the ``cropi``
-command prints it as ``error: ...`` and exits with code 2, as ``sketch`` does."""
+command prints it as ``error: ...`` and exits with code 2, as ``sketch`` does (for ``sketch build
+--objective popi``) since CropiError is a sketchstore UserError."""
+
+from sketchstore.errors import UserError
 
 
-class CropiError(Exception):
+class CropiError(UserError):
     """Base class of every error cropi raises on purpose."""
 
 

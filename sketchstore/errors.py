@@ -1,8 +1,13 @@
 """Errors raised by sketchstore. Each message is one line that names the bad input."""
 
 
-class SketchStoreError(Exception):
-    """Base class: the CLI prints ``str(err)`` on one line and exits with code 2."""
+class UserError(Exception):
+    """An error whose message names, on one line, what the user gave wrong: the commands print it and
+    exit with code 2. Plugins (objectives found through the entry point) derive their errors from it."""
+
+
+class SketchStoreError(UserError):
+    """Base class of every error sketchstore raises on purpose."""
 
 
 class BadInputError(SketchStoreError):

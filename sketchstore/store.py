@@ -22,47 +22,33 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
 
 from .backend import (
-    MANIFEST_NAME,
-    PARTS_DIR,
+    MANIFEST_NAME,  # noqa: F401  (MANIFEST_NAME, PARTS_DIR, STAGING_DIR: the store layout; tests and tools name them)
+    PARTS_DIR,  # noqa: F401
     ROOT_METADATA,
     SCORES_DIR,
-    STAGING_DIR,  # noqa: F401  (part of the store layout; tests and tools name it)
+    STAGING_DIR,  # noqa: F401
     Backend,
     new_name,
     open_backend,
     reason,
 )
-from .codecs import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_COMPRESSOR,
-    codec_chain,
-    from_storage,
-    parse_compressor,
-    storage_numpy_dtype,
-    to_storage,
-)
-from .data import read_parquet_bytes
+from .codecs import DEFAULT_CHUNK_BYTES, DEFAULT_COMPRESSOR, parse_compressor, storage_numpy_dtype
 from .errors import BadInputError, CorruptDataError, SketchStoreError, SpecMismatchError, StoreNotFoundError, UnknownKeyError
+from .parts import SketchBatch, manifest_table, open_array, read_manifests, read_part_rows, stage_array, unit_rows
 from .reads import PLAN_COLUMNS, ReadTask, ordered_results, plan_reads
 from .spec import ProjectionSpec
 
 FORMAT_NAME = "sketchstore"
 FORMAT_VERSION = 1
-ARRAY_NAME = "sketches"
-KEY_COLUMNS = ("id", "checkpoint", "split")
-SOURCE_COLUMNS = ("model_fingerprint", "objective")
-RESERVED_COLUMNS = KEY_COLUMNS + ("part", "row", "grad_norm", "sketch_norm", "n_tokens") + SOURCE_COLUMNS
-MIN_NORM = 1e-30
 READER_THREADS = 2
 
 
@@ -80,43 +66,8 @@ class StoreInfo:
                 "compressor": self.compressor, "chunk_rows": self.chunk_rows}
 
 
-@dataclass
-class SketchBatch:
-    """Rows to append: keys, float32 sketches (n, k) and per-row facts for the catalog."""
-
-    ids: Sequence[str]
-    sketches: torch.Tensor
-    grad_norms: Sequence[float]
-    n_tokens: Sequence[int]
-    metadata: Sequence[dict] = field(default_factory=list)
-
-
 def default_chunk_rows(spec: ProjectionSpec) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // (spec.dim * storage_numpy_dtype(spec.dtype).itemsize))
-
-
-def _metadata_value(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return json.dumps(value, default=str)
-
-
-def _metadata_columns(metadata: Sequence[dict], n: int) -> dict[str, list]:
-    """Per-row metadata dicts -> columns; a name clashing with a store column gets a ``meta_`` prefix."""
-    names: list[str] = []
-    for row in metadata:
-        names.extend(k for k in row if k not in names)
-    columns = {}
-    for name in names:
-        column = f"meta_{name}" if name in RESERVED_COLUMNS else name
-        values = [_metadata_value(row.get(name)) for row in metadata] if metadata else [None] * n
-        kinds = {type(v) for v in values if v is not None}
-        if len(kinds) > 1 and not kinds <= {int, float}:
-            values = [None if v is None else str(v) for v in values]
-        columns[column] = values
-    return columns
 
 
 class SketchStore:
@@ -204,30 +155,10 @@ class SketchStore:
             return 0
         part = new_name()
         try:
-            sketches = sketches.float()
-            sketch_norms = sketches.norm(dim=1)
-            if not torch.isfinite(sketch_norms).all():
-                bad = ids[int((~torch.isfinite(sketch_norms)).nonzero()[0])]
-                raise BadInputError(f"sketch of row {bad!r} is not finite (inf/nan gradient); nothing was written")
-            data = to_storage(sketches / sketch_norms.clamp_min(MIN_NORM)[:, None], self.spec.dtype)
-            array = zarr.create_array(
-                store=self.backend.zarr_store(f"{self.backend.staging_dir(part)}/{ARRAY_NAME}", read_only=False),
-                shape=data.shape, dtype=data.dtype,
-                chunks=(min(self.info.chunk_rows, n), self.spec.dim),
-                compressors=codec_chain(self.info.compressor, data.dtype.itemsize),
-                config={"write_empty_chunks": True},
-                attributes={"checkpoint": checkpoint, "split": split, "source": source or {}},
-                zarr_format=3)
-            array[:] = data
-            columns = {
-                "id": ids, "checkpoint": [checkpoint] * n, "split": [split] * n, "part": [part] * n,
-                "row": list(range(n)), "grad_norm": [float(x) for x in batch.grad_norms],
-                "sketch_norm": sketch_norms.tolist(), "n_tokens": [int(x) for x in batch.n_tokens],
-                "model_fingerprint": [str((source or {}).get("fingerprint", ""))] * n,
-                "objective": [str((source or {}).get("objective", ""))] * n,
-                **_metadata_columns(batch.metadata, n),
-            }
-            table = pa.table(columns)
+            data, sketch_norms = unit_rows(ids, sketches, self.spec.dtype)
+            stage_array(self.backend, part, data, self.info.chunk_rows, self.info.compressor,
+                        {"checkpoint": checkpoint, "split": split, "source": source or {}})
+            table = manifest_table(part, checkpoint, split, ids, batch, sketch_norms, source or {})
 
             def without_taken() -> pa.Table:
                 taken = self.existing_ids(checkpoint, split, ids)
@@ -271,33 +202,7 @@ class SketchStore:
     def manifest(self, checkpoint: str | None = None, split: str | None = None,
                  columns: Sequence[str] | None = None) -> pa.Table:
         """The manifest rows of all committed parts (optionally of one checkpoint/split)."""
-        wanted = list(columns) if columns else None
-        read_cols = None if wanted is None else list(dict.fromkeys(wanted + ["checkpoint", "split"]))
-        parts = self.part_names()
-        names = [f"{PARTS_DIR}/{part}/{MANIFEST_NAME}" for part in parts]
-        try:
-            contents = self.backend.read_many(names)
-        except OSError as err:
-            raise CorruptDataError(f"a manifest of {self.path} is unreadable: {reason(err)}") from err
-        tables = []
-        for name, data in zip(names, contents):
-            try:
-                table = read_parquet_bytes(data, read_cols)
-            except (OSError, pa.ArrowException) as err:
-                raise CorruptDataError(f"manifest {self.backend.location(name)} is unreadable: {err}") from err
-            mask = np.ones(table.num_rows, dtype=bool)
-            if checkpoint is not None:
-                mask &= np.asarray(table.column("checkpoint").to_pylist(), dtype=object) == checkpoint
-            if split is not None:
-                mask &= np.asarray(table.column("split").to_pylist(), dtype=object) == split
-            if not mask.any():
-                continue
-            if not mask.all():
-                table = table.filter(pa.array(mask))
-            tables.append(table.select(wanted) if wanted else table)
-        if not tables:
-            return pa.table({c: pa.array([], pa.string()) for c in (wanted or KEY_COLUMNS)})
-        return pa.concat_tables(tables, promote_options="permissive")
+        return read_manifests(self.backend, self.part_names(), checkpoint, split, columns)
 
     def existing_ids(self, checkpoint: str, split: str, among: Sequence[str] | None = None) -> set[str]:
         """Ids already stored for (checkpoint, split), optionally restricted to ``among``."""
@@ -320,30 +225,13 @@ class SketchStore:
             raise UnknownKeyError(f"no sketches for checkpoint:split {checkpoint}:{split} in {self.path} (stored: {known})")
 
     def open_part(self, part: str) -> zarr.Array:
-        store = self.backend.zarr_store(f"{PARTS_DIR}/{part}/{ARRAY_NAME}", read_only=True)
-        try:
-            return zarr.open_array(store=store, mode="r", zarr_format=3)
-        except Exception as err:  # zarr raises several types for damaged metadata
-            raise CorruptDataError(f"part {part} in {self.path}: array metadata unreadable ({err})") from err
+        """The committed Zarr array of ``part`` (read-only)."""
+        return open_array(self.backend, part)
 
     def read_rows(self, part: str, start: int, stop: int) -> torch.Tensor:
-        """Stored (unit-norm) float32 rows [start, stop) of a part.
-
-        A chunk failing its checksum, or missing (zarr would silently read it as zeros),
-        raises CorruptDataError naming the part and chunk.
-        """
-        array = self.open_part(part)
-        step = array.chunks[0]
-        for chunk in range(start // step, (stop - 1) // step + 1):
-            if not self.backend.exists(f"{PARTS_DIR}/{part}/{ARRAY_NAME}/c/{chunk}/0"):
-                raise CorruptDataError(f"part {part} in {self.path}: chunk {chunk} is missing")
-        try:
-            block = array[start:stop]
-        except Exception as err:  # checksum and codec failures surface as various exception types
-            raise CorruptDataError(
-                f"part {part} in {self.path}: chunk {start // step} (rows {start}-{stop}) failed to decode "
-                f"({type(err).__name__}: {err})") from err
-        return from_storage(block, self.spec.dtype)
+        """Stored (unit-norm) float32 rows [start, stop) of a part; a missing or damaged chunk is
+        CorruptDataError naming the part and chunk."""
+        return read_part_rows(self.backend, part, start, stop, self.spec.dtype)
 
     def plan_reads(self, checkpoint: str, split: str, exclude: set[str] | None = None,
                    block_rows: int | None = None) -> list[ReadTask]:

@@ -12,6 +12,7 @@ from sketchstore.data import read_rows, write_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
 from sketchstore.gradients import load_model
 from sketchstore.sft import SFTObjective
+from sketchstore_fixtures import other_tiny_model, sft_data, tiny_model  # noqa: F401  (fixtures)
 
 DIM = 2048
 

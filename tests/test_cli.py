@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from sketchstore.data import read_rows, write_rows
+from sketchstore_fixtures import sft_data, tiny_model  # noqa: F401  (fixtures)
 
 SKETCH = [str(Path(sys.executable).with_name("sketch"))]
 

@@ -20,6 +20,7 @@ from sketchstore.scoring import ScoreOptions, SplitRef, load_scores, score, scor
 from sketchstore.selection import select
 from sketchstore.spec import ProjectionSpec
 from sketchstore.store import SketchBatch, SketchStore
+from sketchstore_fixtures import sft_data, tiny_model  # noqa: F401  (fixtures)
 
 DIM = 64
 CHUNK_ROWS = 8

@@ -1,6 +1,7 @@
-"""Factored sketches on real tiny Qwen2 models: equal to the Kronecker projection of exact per-example
-gradients (one layer, whole model, SFT and POPI, tied embedding/lm_head, padding_idx), independent of
-batching, JL-faithful, exact norms, zero-advantage prompts, spec mixing refused, CLI end to end."""
+"""Factored sketches on a real tiny Qwen2: equal to the Kronecker projection of exact per-example
+gradients (one layer, whole model, tied embedding/lm_head), independent of batching, JL-faithful,
+exact norms, spec mixing refused, CLI end to end. The SFT objective here; the same checks under
+POPI (cropi's objective) are in test_factored_popi.py, which calls the ``check_*`` helpers."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from torch import nn
 from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches, catalog
 from sketchstore.data import read_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
-from sketchstore import factored, factored_blocks
+from sketchstore import factored_blocks
 from sketchstore.factor_projection import factor_dims
 from sketchstore.factored import FactoredSketcher, plan_passes
 from sketchstore.gradients import load_model, per_example_gradients, select_parameters
 from sketchstore.sft import SFTObjective
-from cropi.popi import POPIObjective, POPIOptions, PromptGroup, read_prompt_groups
-from test_popi import K, sample_trajectories
+from sketchstore_fixtures import sft_data, tiny_model  # noqa: F401  (fixtures)
 
 TIED = "model.embed_tokens.weight"
 
@@ -26,22 +26,6 @@ TIED = "model.embed_tokens.weight"
 @pytest.fixture(scope="module")
 def model_tok(tiny_model):
     return load_model(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def trajectories(tiny_model, tmp_path_factory):
-    return sample_trajectories(tiny_model, tmp_path_factory.mktemp("ftraj") / "traj.parquet", n_prompts=6)
-
-
-@pytest.fixture(scope="module")
-def popi_rows(trajectories):
-    rows = read_prompt_groups(trajectories)
-    # a prompt holding the padding token (id 0): torch gives the embedding's padding row no gradient
-    base = next(r["group"] for r in rows if not r["group"].zero_advantage)
-    group = PromptGroup(prompt_id="pad", prompt_token_ids=[5, 0, 17, 0, 9], responses=base.responses,
-                        behaviour_logprobs=base.behaviour_logprobs, advantages=base.advantages, rewards=base.rewards,
-                        temperature=base.temperature, metadata=base.metadata)
-    return rows + [{"id": "pad", "group": group}]
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +60,13 @@ def close(a, b, rtol=1e-4):
     return float((a - b).abs().max() / scale) < rtol
 
 
-@pytest.mark.parametrize("kind", ["sft", "popi"])
-def test_one_linear_layer_equals_kronecker_projection(model_tok, sft_rows, popi_rows, kind):
-    model, tok = model_tok
+def check_one_linear_layer(model, objective, rows):
+    """One projected layer's blocks, norms and sketches against the Kronecker projection of exact gradients."""
     name = "model.layers.0.mlp.down_proj.weight"  # 64 x 384
     params = select_parameters(model, [name])
     spec = ProjectionSpec(dim=128, seed=3, mode="factored")  # side 32: both sides projected
     sketcher = FactoredSketcher(model, params, spec)
     assert factor_dims((64, 384), 128) == (32, 32) and sketcher.projection.factor(name, "row").shape == (32, 64)
-    objective = SFTObjective(tok) if kind == "sft" else POPIObjective()
-    rows = sft_rows if kind == "sft" else popi_rows
     grads, norms = exact(model, objective, rows, params)
     blocks, sq_norms, _ = sketcher.blocks(objective.batch(rows))
     expected = kronecker(sketcher, grads)[name]
@@ -96,21 +77,19 @@ def test_one_linear_layer_equals_kronecker_projection(model_tok, sft_rows, popi_
     assert close(sketch, sketcher.projection.final.project({name: expected}))
 
 
-@pytest.mark.parametrize("kind", ["sft", "popi"])
-@pytest.mark.parametrize("dim", [128, 2048])
-def test_whole_model_equals_kronecker_projection(model_tok, sft_rows, popi_rows, kind, dim, monkeypatch):
+def test_one_linear_layer_equals_kronecker_projection(model_tok, sft_rows):
     model, tok = model_tok
+    check_one_linear_layer(model, SFTObjective(tok), sft_rows)
+
+
+def check_whole_model(model, objective, rows, dim):
+    """Every parameter's blocks (tied embedding included), norms, sketches and losses against exact gradients."""
     params = select_parameters(model)
     assert TIED in dict(params) and model.lm_head.weight is model.model.embed_tokens.weight
     sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=dim, seed=1, mode="factored"))
-    objective = SFTObjective(tok) if kind == "sft" else POPIObjective()
-    rows = sft_rows if kind == "sft" else popi_rows
     grads, norms = exact(model, objective, rows, params)
     expected = kronecker(sketcher, grads)
     batch = objective.batch(rows)
-    if kind == "popi":  # no padding allowed: trajectories of 9 to 12 tokens run in several passes
-        monkeypatch.setattr(factored, "PASS_WASTE", 0.0)
-        assert len(plan_passes([len(q) for q in batch.sequences])) > 1
     blocks, sq_norms, losses = sketcher.blocks(batch)
     assert sorted(blocks) == sorted(expected)
     for name in expected:  # incl. the tied embedding (lm_head + lookup), q/k/v biases, RMSNorm weights
@@ -125,21 +104,10 @@ def test_whole_model_equals_kronecker_projection(model_tok, sft_rows, popi_rows,
         assert loss == pytest.approx(0.0 if ref is None else float(ref.detach()), abs=1e-5)
 
 
-def test_off_policy_clipped_popi_equals_kronecker_projection(tiny_model, popi_rows):
-    model, _ = load_model(tiny_model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # theta != beta: ratios leave the clip range
-    params = select_parameters(model)
-    sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=512, seed=2, mode="factored"))
-    objective = POPIObjective(clip=0.01)
-    grads, norms = exact(model, objective, popi_rows, params)
-    result = sketcher.sketch_batch(objective.batch(popi_rows))
-    assert close(result.sketches, sketcher.projection.final.project(kronecker(sketcher, grads)))
-    assert result.grad_norms == pytest.approx(norms, rel=1e-5)
-    unclipped, _ = exact(model, POPIObjective(), popi_rows, params)
-    assert not torch.allclose(grads[TIED], unclipped[TIED])
+@pytest.mark.parametrize("dim", [128, 2048])
+def test_whole_model_equals_kronecker_projection(model_tok, sft_rows, dim):
+    model, tok = model_tok
+    check_whole_model(model, SFTObjective(tok), sft_rows, dim)
 
 
 def test_parameter_selection_is_respected(model_tok, sft_rows):
@@ -152,15 +120,19 @@ def test_parameter_selection_is_respected(model_tok, sft_rows):
     assert result.grad_norms == pytest.approx(norms, rel=1e-5)
 
 
-def test_row_sketch_does_not_depend_on_its_batch(model_tok, popi_rows, sft_rows):
-    model, tok = model_tok
+def check_batch_independent(model, objective, rows):
+    """Each row's sketch and norm alone equal its sketch and norm within the batch."""
     sketcher = FactoredSketcher(model, select_parameters(model), ProjectionSpec(dim=1024, mode="factored"))
-    for objective, rows in ((POPIObjective(), popi_rows), (SFTObjective(tok), sft_rows)):
-        together = sketcher.sketch_batch(objective.batch(rows))
-        for i, row in enumerate(rows):
-            alone = sketcher.sketch_batch(objective.batch([row]))
-            assert torch.allclose(alone.sketches[0], together.sketches[i], rtol=1e-4, atol=1e-6)
-            assert alone.grad_norms[0] == pytest.approx(together.grad_norms[i], rel=1e-5, abs=1e-12)
+    together = sketcher.sketch_batch(objective.batch(rows))
+    for i, row in enumerate(rows):
+        alone = sketcher.sketch_batch(objective.batch([row]))
+        assert torch.allclose(alone.sketches[0], together.sketches[i], rtol=1e-4, atol=1e-6)
+        assert alone.grad_norms[0] == pytest.approx(together.grad_norms[i], rel=1e-5, abs=1e-12)
+
+
+def test_row_sketch_does_not_depend_on_its_batch(model_tok, sft_rows):
+    model, tok = model_tok
+    check_batch_independent(model, SFTObjective(tok), sft_rows)
     # several passes (lengths far apart) give the same sketches as one pass
     assert len(plan_passes([40, 40, 39, 10, 9])) == 2
     assert [p.tolist() for p in plan_passes([3, 9, 3, 8])] == [[1, 3], [0, 2]]
@@ -185,29 +157,6 @@ def test_sketch_cosines_track_exact_cosines(model_tok, sft_data):
     assert torch.corrcoef(torch.stack([sketch_cos, exact_cos]))[0, 1] > 0.95
     inner = (sk @ sk.T) / (flat @ flat.T)  # unbiased inner products: same scale as the gradients
     assert inner.diag().mean() == pytest.approx(1.0, abs=0.05)
-
-
-def test_build_popi_zero_advantage_and_exact_norms(tiny_model, trajectories, tmp_path):
-    def cfg(store, batch_size):
-        return BuildConfig(model=tiny_model, data=None, store=store, checkpoint="theta0", split="pool",
-                           spec=ProjectionSpec(dim=1024, mode="factored", dtype="float32"),
-                           objective=POPIOptions(trajectories=trajectories), batch_size=batch_size, flush_rows=4)
-
-    assert build_sketches(cfg(tmp_path / "a", 1), progress=False).added == 6
-    assert build_sketches(cfg(tmp_path / "b", 6), progress=False).added == 6
-    a, b = SketchStore.open(tmp_path / "a"), SketchStore.open(tmp_path / "b")
-    assert a.spec.mode == "factored"
-    ids, x = a.read("theta0", "pool")
-    _, y = b.read("theta0", "pool", ids=ids)
-    assert torch.allclose(x, y, atol=1e-5)
-    _, rows = catalog.query(a, "SELECT id, grad_norm, zero_std, k FROM sketches ORDER BY id")
-    assert rows[0] == ("q0", 0.0, True, K)
-    assert x[ids.index("q0")].abs().sum() == 0
-    model, _ = load_model(tiny_model)
-    groups = read_prompt_groups(trajectories)
-    _, norms = exact(model, POPIObjective(), groups, select_parameters(model))
-    got = dict((r[0], r[1]) for r in rows)
-    assert [got[g["id"]] for g in groups] == pytest.approx(norms, rel=1e-5)
 
 
 def test_store_refuses_mixing_factored_and_sparse(tiny_model, sft_data, tmp_path):
@@ -252,21 +201,25 @@ def test_cli_build_projection_factored(tiny_model, sft_data, tmp_path):
     assert result.exit_code != 0 and "mode 'sparse' != store 'factored'" in result.output
 
 
-def test_sketch_norms_equal_the_sketch_norm_and_keep_the_sketches(model_tok, popi_rows, sft_rows):
-    model, tok = model_tok
+def check_sketch_norms(model, objective, rows):
+    """norms="sketch": the same sketches, the sketch's own norm as grad_norm, zero where exact is zero."""
     params = select_parameters(model)
     spec = ProjectionSpec(dim=1024, seed=4, mode="factored")
     exact_mode, sketch_mode = FactoredSketcher(model, params, spec), FactoredSketcher(model, params, spec, norms="sketch")
-    for objective, rows in ((POPIObjective(), popi_rows), (SFTObjective(tok), sft_rows)):
-        batch = objective.batch(rows)
-        a, b = exact_mode.sketch_batch(batch), sketch_mode.sketch_batch(batch)
-        assert close(b.sketches, a.sketches, rtol=1e-5)  # same blocks (exact mode may hash an explicit G)
-        assert b.grad_norms == b.sketches.norm(dim=1).tolist()  # the store's sketch_norm, bit for bit
-        assert b.grad_norms != pytest.approx(a.grad_norms, rel=1e-4)  # an estimate, not the exact norm
-        assert [n == 0 for n in b.grad_norms] == [n == 0 for n in a.grad_norms]
-        assert sketch_mode.blocks(batch)[1] is None
+    batch = objective.batch(rows)
+    a, b = exact_mode.sketch_batch(batch), sketch_mode.sketch_batch(batch)
+    assert close(b.sketches, a.sketches, rtol=1e-5)  # same blocks (exact mode may hash an explicit G)
+    assert b.grad_norms == b.sketches.norm(dim=1).tolist()  # the store's sketch_norm, bit for bit
+    assert b.grad_norms != pytest.approx(a.grad_norms, rel=1e-4)  # an estimate, not the exact norm
+    assert [n == 0 for n in b.grad_norms] == [n == 0 for n in a.grad_norms]
+    assert sketch_mode.blocks(batch)[1] is None
+
+
+def test_sketch_norms_equal_the_sketch_norm_and_keep_the_sketches(model_tok, sft_rows):
+    model, tok = model_tok
+    check_sketch_norms(model, SFTObjective(tok), sft_rows)
     with pytest.raises(BadInputError, match="exact, sketch"):
-        FactoredSketcher(model, params, spec, norms="approx")
+        FactoredSketcher(model, select_parameters(model), ProjectionSpec(dim=1024, mode="factored"), norms="approx")
 
 
 def test_sketch_norm_is_unbiased_in_square_over_seeds(model_tok, sft_rows):

@@ -26,6 +26,7 @@ from sketchstore.store import PARTS_DIR, STAGING_DIR
 from sketchstore.verify import repair, stale_staging, verify
 
 from _store_writer import DIM, KILL_POINTS, fill, resume_writer, rows
+from sketchstore_fixtures import sft_data, tiny_model  # noqa: F401  (fixtures)
 
 SKETCH = str(Path(sys.executable).with_name("sketch"))
 FILE_LIMIT = 12_000  # bytes: more than a manifest, less than one chunk of the parts written below

@@ -29,6 +29,7 @@ from sketchstore.errors import BadInputError, SketchStoreError, StoreNotFoundErr
 from sketchstore.verify import repair, stale_staging, verify
 
 from _store_writer import DIM, fill, resume_writer, rows
+from sketchstore_fixtures import sft_data, tiny_model  # noqa: F401  (fixtures)
 
 BUCKET = "sketches"
 KILL_ROUNDS = 3
