@@ -3,9 +3,9 @@ of the ``cropi`` command), take their model and data fixtures from sketchstore_f
 quick subset of them passes in a subprocess where importing cropi raises ImportError.
 
 The subprocess runs QUICK_SUBSET, not every store test: the whole set takes minutes (builds, fault
-injection, S3, concurrent writers). The subset uses both fixture models and both data files (a build
-with exact norms, the spec and weight refusals), scoring and selection, and verify/repair; the static
-checks cover every file in STORE_TESTS."""
+injection, S3, concurrent writers). The subset builds a store from the fixture model and data (exact
+norms checked), then scores, selects, verifies and repairs (~30 s on 2 cores; a second build test
+would add ~17 s); the static checks cover every file in STORE_TESTS."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ REPO = TESTS.parent
 STORE_TESTS = ("test_store.py", "test_build.py", "test_factored.py", "test_faults.py", "test_verify.py",
                "test_scoring_selection.py", "test_projection.py", "test_properties.py", "test_distributed.py",
                "test_object_store.py", "test_cli.py", "test_layout.py", "test_sketchstore_alone.py")
-QUICK_SUBSET = ("test_build.py::test_build_stores_every_row_with_exact_norms",
-                "test_build.py::test_mismatches_are_refused_and_store_kept", "test_scoring_selection.py",
+QUICK_SUBSET = ("test_build.py::test_build_stores_every_row_with_exact_norms", "test_scoring_selection.py",
                 "test_verify.py")
 BLOCKED = ("cropi", "cli.cropi")
 SHARED_FIXTURES = ("tiny_model", "other_tiny_model", "sft_data")  # conftest.py gives cropi's under these names
