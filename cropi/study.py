@@ -9,6 +9,9 @@ per setting and arm (:func:`summarise`):
   counted), decided on smoothed curves (:mod:`cropi.stats`), and their median with a
   bootstrap 90% interval over seeds (a seed where the arm never reaches the target counts 0);
 - the mean smoothed best and final accuracy;
+- the area statistic (:func:`cropi.stats.curve_area`: mean accuracy over the run's evaluations,
+  which does not saturate as steps-to-target does), and its paired difference against the full
+  pool and against learnability (seed by seed, bootstrap 90% interval);
 - accuracy against steps and against rollouts, mean over seeds with a +-1 SE band (one plot
   per setting and axis).
 
@@ -27,7 +30,11 @@ from sketchstore.atomic import write_text_atomic
 from .compare import BASELINE, run_comparison
 from .curriculum import CurriculumConfig
 from .plots import plot_arms
-from .stats import SMOOTH_WINDOW, TARGET_SHARE, as_statistic, bootstrap_median, describe, smooth
+from .stats import (SMOOTH_WINDOW, TARGET_SHARE, as_statistic, bootstrap_mean, bootstrap_median, curve_area, describe,
+                    describe_difference, paired_difference, smooth)
+
+# Arms every other arm's area is compared with, seed by seed (when present).
+AREA_REFERENCES = (BASELINE, "learnability")
 
 # (setting, seed, its output directory) -> the comparison's base configuration (files, GRPO settings)
 BaseFor = Callable[[str, int, Path], CurriculumConfig]
@@ -58,7 +65,12 @@ def summarise(per_seed: Mapping[int, Mapping[str, dict]], window: int = SMOOTH_W
             values = [as_statistic(r[key]) for r in runs]
             entry[axis] = {"per_seed": values, "reached": sum(r[key]["method"] is not None for r in runs),
                            **bootstrap_median(values)}
+        areas = [curve_area(r["curve"]) for r in runs]
+        entry["area"] = {"per_seed": areas, **bootstrap_mean(areas)}
         out[arm] = entry
+    for arm, entry in out.items():
+        entry["area_vs"] = {ref: paired_difference(entry["area"]["per_seed"], out[ref]["area"]["per_seed"])
+                            for ref in AREA_REFERENCES if ref in out and ref != arm and arm != BASELINE}
     return out
 
 
@@ -79,13 +91,31 @@ def study_table(summary: Mapping[str, Mapping[str, dict]]) -> str:
             reached = "-" if arm == BASELINE else f"{s['steps']['reached']}/{len(s['seeds'])}"
             lines.append(f"| {setting} | {arm} | {steps} | {reached} | {rollouts} | {s['start_mean']:.3f} | "
                          f"{s['best_smoothed_mean']:.3f} | {s['final_mean']:.3f} | {s['minutes_mean']:.1f} |")
+    lines += ["", "| setting | arm | mean accuracy over the run (area) | minus full pool (90% CI) | "
+              "minus learnability (90% CI) |", "|---|---|---|---|---|"]
+
+    def diff(s: dict, ref: str) -> str:
+        d = s["area_vs"].get(ref)
+        return "-" if d is None else f"{d['mean']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})"
+
+    for setting, arms in summary.items():
+        for arm, s in arms.items():
+            lines.append(f"| {setting} | {arm} | {s['area']['mean']:.3f} | {diff(s, BASELINE)} | "
+                         f"{diff(s, 'learnability')} |")
     return "\n".join(lines)
 
 
 def verdicts(summary: Mapping[str, Mapping[str, dict]]) -> list[str]:
     """One sentence per setting and arm saying what its acceleration means."""
-    return [f"{setting} / {arm}: steps {describe(s['steps'], 'steps')}; rollouts {describe(s['rollouts'], 'rollouts')}"
-            for setting, arms in summary.items() for arm, s in arms.items() if arm != BASELINE]
+    words = []
+    for setting, arms in summary.items():
+        for arm, s in arms.items():
+            if arm != BASELINE:
+                words.append(f"{setting} / {arm}: steps {describe(s['steps'], 'steps')}; "
+                             f"rollouts {describe(s['rollouts'], 'rollouts')}")
+            words += [f"{setting} / {arm} vs {ref}, mean accuracy over the run: {describe_difference(d, arm, ref)}"
+                      for ref, d in s["area_vs"].items()]
+    return words
 
 
 def run_study(out: str | Path, settings: Sequence[str], seeds: Sequence[int], strategies: Sequence[str],

@@ -10,9 +10,13 @@ from cropi.errors import BadConfigError
 from cropi.stats import (
     acceleration,
     as_statistic,
+    bootstrap_mean,
     bootstrap_median,
+    curve_area,
     describe,
+    describe_difference,
     first_reaching,
+    paired_difference,
     sampling_error,
     smooth,
     standard_error,
@@ -99,3 +103,23 @@ def test_standard_errors():
     assert sampling_error([0.5] * 512, 4) == pytest.approx(((4 / 3) * 0.25 / 4) ** 0.5 / 512 ** 0.5)
     assert sampling_error([0.0, 1.0], 4) == 0.0  # all-or-nothing prompts: no sampling noise
     assert sampling_error([0.5], 1) is None
+
+
+def test_area_and_paired_difference():
+    early = [(0, 0, 0.2), (5, 5, 0.4), (10, 10, 0.5)]
+    late = [(0, 0, 0.2), (5, 5, 0.25), (10, 10, 0.5)]
+    assert curve_area(early) == pytest.approx(0.45) and curve_area(late) == pytest.approx(0.375)
+    # both reach 0.5 at step 10, so steps-to-target ties; the area tells them apart
+    assert acceleration(late, early, window=1, share=1.0)["acceleration"] == 1.0
+    diff = paired_difference([0.45, 0.47, 0.44, 0.46], [0.40, 0.41, 0.43, 0.40])
+    assert diff["per_seed"] == pytest.approx([0.05, 0.06, 0.01, 0.06])
+    assert diff["mean"] == pytest.approx(0.045) and 0.01 <= diff["low"] <= diff["mean"] <= diff["high"] <= 0.06
+    assert "learns more per step than full" in describe_difference(diff, "cropi", "full")
+    mixed = paired_difference([0.4, 0.5, 0.45], [0.45, 0.44, 0.45])
+    assert "not distinguishable" in describe_difference(mixed, "cropi", "learnability")
+    assert "learns less" in describe_difference(paired_difference([0.3, 0.31], [0.4, 0.42]), "random", "full")
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([0.1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="two evaluations"):
+        curve_area([(0, 0, 0.2)])
+    assert bootstrap_mean([])["mean"] is None

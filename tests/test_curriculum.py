@@ -185,6 +185,11 @@ def test_study_summarises_seeds_and_resumes(comparison):
         for axis in ("steps", "rollouts"):
             stat = summary[arm][axis]
             assert len(stat["per_seed"]) == 2 and stat["n"] <= 2
+        assert len(summary[arm]["area"]["per_seed"]) == 2
+    diff = summary["random"]["area_vs"]["full"]
+    assert diff["per_seed"] == pytest.approx([a - b for a, b in zip(summary["random"]["area"]["per_seed"],
+                                                                  summary["full"]["area"]["per_seed"])])
+    assert summary["full"]["area_vs"] == {} and "minus full pool" in study["table"]
     assert "| mini | random |" in study["table"] and all(Path(p).is_file() for p in study["plots"])
     assert json.loads((out / "study" / "study.json").read_text())["settings"] == ["mini"]
     assert (out / "study" / "mini" / "seed1" / "random" / "train" / "checkpoints" / "stage1").is_dir()
