@@ -25,7 +25,7 @@ from .engine import close_engine
 from .errors import BadConfigError
 from .plots import plot_arms
 from .run_dir import read_log
-from .stats import SMOOTH_WINDOW, TARGET_SHARE, acceleration, smooth
+from .stats import SMOOTH_WINDOW, TARGET_SHARE, acceleration, curve_area, smooth
 from .trainer import start_engine
 
 BASELINE = "full"
@@ -58,8 +58,8 @@ def describe_acceleration(acc: dict) -> str:
 
 def results_table(results: dict[str, dict]) -> str:
     """Markdown: each arm's accuracy and its acceleration over the full pool in steps and rollouts."""
-    lines = ["| arm | best acc (smoothed) | final acc | steps to target | acceleration (steps) | "
-             "rollouts to target | acceleration (rollouts) | rollouts | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | mean acc over the run | best acc (smoothed) | final acc | steps to target | acceleration (steps) | "
+             "rollouts to target | acceleration (rollouts) | rollouts | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(name: str, acc: dict) -> str:
         if name == BASELINE:
@@ -68,7 +68,7 @@ def results_table(results: dict[str, dict]) -> str:
 
     for name, r in results.items():
         steps, rollouts = r["acceleration"], r["acceleration_rollouts"]
-        lines.append(f"| {name} | {r['best_smoothed']:.3f} | {r['final_accuracy']:.3f} | "
+        lines.append(f"| {name} | {r['area']:.3f} | {r['best_smoothed']:.3f} | {r['final_accuracy']:.3f} | "
                      f"{steps['method'] if steps['method'] is not None else '-'} | {ratio(name, steps)} | "
                      f"{rollouts['method'] if rollouts['method'] is not None else '-'} | {ratio(name, rollouts)} | "
                      f"{r['rollouts']} | {r['seconds'] / 60:.1f} |")
@@ -118,6 +118,7 @@ def run_comparison(base: CurriculumConfig, strategies: Sequence[str], out: Path,
         r["acceleration_rollouts"] = acceleration(curves[BASELINE], curves[strategy], smooth_window, "rollouts",
                                                   target_share)
         r["best_smoothed"] = max(a for _, _, a in smooth(curves[strategy], smooth_window))
+        r["area"] = curve_area(curves[strategy])
     plots = [plot_arms(out / f"accuracy_vs_{axis}.png", {name: [c] for name, c in curves.items()}, axis,
                        ylabel=f"{metric} pass@1") for axis in ("steps", "rollouts")]
     table = results_table(results)

@@ -57,7 +57,8 @@ def test_bootstrap_median_and_words():
 
 def _results(full, other):
     def arm(c):
-        return {"best_smoothed": max(a for _, _, a in smooth(c)), "final_accuracy": c[-1][2], "rollouts": 10,
+        return {"best_smoothed": max(a for _, _, a in smooth(c)), "area": curve_area(c), "final_accuracy": c[-1][2],
+                "rollouts": 10,
                 "seconds": 60, "acceleration": acceleration(full, c), "acceleration_rollouts": acceleration(
                     full, c, axis="rollouts")}
     return {"full": arm(full), "random": arm(other)}
@@ -66,8 +67,8 @@ def _results(full, other):
 def test_results_table_marks_unreached():
     full = curve([(0, 0.1), (10, 0.3)])
     table = results_table(_results(full, curve([(0, 0.1), (10, 0.2)])))
-    assert "| random | 0.150 | 0.200 | - | not reached | - | not reached |" in table
-    assert "| full | 0.200 | 0.300 | 10 | - | 1000 | - |" in table
+    assert "| random | 0.200 | 0.150 | 0.200 | - | not reached | - | not reached |" in table
+    assert "| full | 0.300 | 0.200 | 0.300 | 10 | - | 1000 | - |" in table
 
 
 def test_acceleration_phrases():
