@@ -59,12 +59,17 @@ DIM = 8192
 TOP_FRACTION = 0.1
 #: Glob of the linear weights (what Bergson tracks): our "linear layers only" runs.
 LINEAR_GLOB = "model.layers.*proj.weight"
-#: Our configurations: label -> (ProjectionSpec fields, BuildConfig fields).
+#: Our configurations: label -> (ProjectionSpec fields, BuildConfig fields). "factored" is the
+#: default spec (block side 128 at k = 8192) with the default exact norms; "_sketch_norms" the
+#: same sketches with ``--norms sketch`` (blocks accumulated during backward); factored_sideS
+#: sweeps the block side (256 = the rule before factor_side existed).
 OURS = {
     "factored": ({"mode": "factored"}, {"batch_size": 32}),
     "factored_sketch_norms": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch"}),
     "factored_linear": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch", "params": (LINEAR_GLOB,)}),
     "sparse": ({"mode": "sparse"}, {"batch_size": 8}),
+    **{f"factored_side{side}": ({"mode": "factored", "factor_side": side}, {"batch_size": 32, "norms": "sketch"})
+       for side in (32, 64, 256)},
 }
 #: Bergson's projection_dim sweep per model; the first is the headline (p * p * modules ~ DIM).
 BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34)}

@@ -8,7 +8,6 @@ sketch does not depend on which other parameters are selected, nor on the batch.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -18,15 +17,9 @@ from .seeds import stable_seed
 from .spec import ProjectionSpec
 
 
-def factor_side(dim: int) -> int:
-    """Largest per-side size of a layer's intermediate block: 2**ceil(log2(sqrt(8 * dim)))
-    (256 for dim 4096 or 8192, 128 for 1024 or 2048, 512 for 16384 or 32768)."""
-    return 1 << max(0, math.ceil(math.log2(math.sqrt(8 * dim))))
-
-
-def factor_dims(shape: Sequence[int], dim: int) -> tuple[int, int]:
-    """(k_row, k_col) of a weight matrix of ``shape`` (m, n) under sketch length ``dim``."""
-    side = factor_side(dim)
+def factor_dims(shape: Sequence[int], side: int) -> tuple[int, int]:
+    """(k_row, k_col) of a weight matrix of ``shape`` (m, n) whose block sides are at most ``side``
+    (a side that fits is not projected)."""
     return min(int(shape[0]), side), min(int(shape[1]), side)
 
 
@@ -80,7 +73,7 @@ class FactorProjection:
         return mat
 
     def block_shape(self, name: str) -> tuple[int, int]:
-        return factor_dims(self.shapes[name], self.spec.dim)
+        return factor_dims(self.shapes[name], self.spec.factor_side)
 
     def reference_blocks(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Intermediate blocks P_row G P_col^T (matrices) / exact vectors of explicit gradients

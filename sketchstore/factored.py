@@ -105,6 +105,7 @@ from torch import nn
 from .errors import BadInputError
 from .factor_projection import FactorProjection
 from .factored_blocks import block_and_norm
+from .factored_stream import stream_batch
 from .sequences import SequenceBatch
 from .sketchers import SketchedRows
 from .spec import ProjectionSpec
@@ -370,6 +371,9 @@ class FactoredSketcher:
         if bool((seq_rows[1:] < seq_rows[:-1]).any()):
             raise BadInputError("sequence batch: sequences must be grouped by row, in row order")
         lengths = torch.tensor([len(q) for q in batch.sequences], dtype=torch.long)
+        if self.norms == "sketch":  # no exact norms: blocks accumulate during backward (factored_stream.py)
+            with _frozen(self.model), torch.enable_grad():
+                return None, stream_batch(self, batch, plan_passes(lengths.tolist()), emit)
         offsets = (torch.cumsum(lengths, 0) - lengths).to(device)  # row order = sequence order
         tok_row = torch.repeat_interleave(seq_rows, lengths).to(device)
         counts = torch.bincount(seq_rows, weights=lengths.double(), minlength=R).long().tolist()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
@@ -19,12 +20,28 @@ PROJECTION_MODES = ("sparse", "dense", "factored")
 DEFAULT_DIM = 8192
 DEFAULT_SEED = 0
 DEFAULT_KEEP_RATIO = 1.0
+#: Default largest block side of factored sketches: the smallest power of two >= sqrt(FACTOR_SIDE_MULTIPLIER * dim)
+#: (128 at dim 8192, 256 at 32768); chosen against exact gradients and Bergson in
+#: benchmarks/vs_bergson.py (benchmarks/README.md).
+FACTOR_SIDE_MULTIPLIER = 2
+#: Block side of factored stores written before the spec had ``factor_side`` (their rule: 2**ceil(log2(sqrt(8 dim)))).
+LEGACY_FACTOR_SIDE_MULTIPLIER = 8
 
 
 def param_spec_hash(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
     """Order-independent hash of the (parameter name, shape) list a gradient covers."""
     items = sorted((name, tuple(int(s) for s in shape)) for name, shape in named_shapes)
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def power_of_two_above(x: float) -> int:
+    """2 ** ceil(log2(sqrt(x))): the smallest power of two at least sqrt(x) (at least 1)."""
+    return 1 << max(0, math.ceil(math.log2(math.sqrt(x))))
+
+
+def default_factor_side(dim: int) -> int:
+    """Default largest block side of factored sketches of length ``dim`` (see FACTOR_SIDE_MULTIPLIER)."""
+    return power_of_two_above(FACTOR_SIDE_MULTIPLIER * dim)
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,8 @@ class ProjectionSpec:
     Kronecker projections computed from activations and output gradients, see factored.py).
     keep_ratio: fraction of gradient coordinates kept before projecting (paper: ~0.1).
     dtype: storage dtype of sketches (they are always accumulated in float32).
+    factor_side: factored mode only (0 otherwise): the largest side of a weight matrix's
+    intermediate block (0 = the default for ``dim``, :func:`default_factor_side`).
     param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
     """
 
@@ -45,6 +64,8 @@ class ProjectionSpec:
                        choices=PROJECTION_MODES)
     keep_ratio: float = option(DEFAULT_KEEP_RATIO, "Fraction of coordinates kept before projecting (paper: ~0.1).")
     dtype: str = option("float16", "Storage dtype of sketches.", choices=STORAGE_DTYPES)
+    factor_side: int = option(0, "Factored mode: largest side of each weight matrix's intermediate block, a power of "
+                                 "two (0: the default for --dim; larger is more faithful and slower).")
     param_hash: str = option("", "Hash of the parameter names and shapes (filled in by a build).")
 
     def __post_init__(self) -> None:
@@ -58,6 +79,13 @@ class ProjectionSpec:
             raise BadInputError(f"keep ratio must be in (0, 1], got {self.keep_ratio!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise BadInputError(f"sketch dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        side = self.factor_side
+        if not isinstance(side, int) or side < 0 or side & (side - 1):
+            raise BadInputError(f"factor side must be 0 or a power of two, got {side!r}")
+        if self.mode != "factored" and side:
+            raise BadInputError(f"factor side {side} applies to --projection factored only, not {self.mode}")
+        if self.mode == "factored" and not side:
+            object.__setattr__(self, "factor_side", default_factor_side(self.dim))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +93,10 @@ class ProjectionSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "ProjectionSpec":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        if data.get("mode") == "factored" and "factor_side" not in data:  # a store from before factor_side
+            data["factor_side"] = power_of_two_above(LEGACY_FACTOR_SIDE_MULTIPLIER * int(data.get("dim", DEFAULT_DIM)))
+        return cls(**data)
 
     def check_compatible(self, other: "ProjectionSpec", what: str = "sketches") -> None:
         """Raise SpecMismatchError naming every field where ``other`` differs from self."""

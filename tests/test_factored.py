@@ -64,9 +64,9 @@ def check_one_linear_layer(model, objective, rows):
     """One projected layer's blocks, norms and sketches against the Kronecker projection of exact gradients."""
     name = "model.layers.0.mlp.down_proj.weight"  # 64 x 384
     params = select_parameters(model, [name])
-    spec = ProjectionSpec(dim=128, seed=3, mode="factored")  # side 32: both sides projected
+    spec = ProjectionSpec(dim=128, seed=3, mode="factored", factor_side=32)  # both sides projected
     sketcher = FactoredSketcher(model, params, spec)
-    assert factor_dims((64, 384), 128) == (32, 32) and sketcher.projection.factor(name, "row").shape == (32, 64)
+    assert factor_dims((64, 384), 32) == (32, 32) and sketcher.projection.factor(name, "row").shape == (32, 64)
     grads, norms = exact(model, objective, rows, params)
     blocks, sq_norms, _ = sketcher.blocks(objective.batch(rows))
     expected = kronecker(sketcher, grads)[name]
@@ -171,6 +171,25 @@ def test_store_refuses_mixing_factored_and_sparse(tiny_model, sft_data, tmp_path
     with pytest.raises(SpecMismatchError, match="mode 'factored' != store 'sparse'"):
         build_sketches(BuildConfig(data=val, split="val", spec=ProjectionSpec(dim=512, mode="factored"),
                                    model=tiny_model, store=tmp_path / "t", checkpoint="c0"), progress=False)
+
+
+def test_factor_side_is_part_of_the_spec_and_old_factored_stores_keep_their_rule(tiny_model, sft_data, tmp_path):
+    assert ProjectionSpec(dim=8192, mode="factored").factor_side == 128  # the default rule
+    assert ProjectionSpec(dim=8192).factor_side == 0  # other modes have none
+    legacy = ProjectionSpec(dim=512, mode="factored").to_dict()
+    del legacy["factor_side"]  # a factored store written before the field: its rule was 2**ceil(log2(sqrt(8 dim)))
+    assert ProjectionSpec.from_dict(legacy).factor_side == 64
+    assert ProjectionSpec.from_dict({k: v for k, v in ProjectionSpec(dim=512).to_dict().items()
+                                     if k != "factor_side"}) == ProjectionSpec(dim=512)
+    for bad, message in ((dict(mode="factored", factor_side=48), "power of two"),
+                         (dict(mode="sparse", factor_side=64), "factored only")):
+        with pytest.raises(BadInputError, match=message):
+            ProjectionSpec(**bad)
+    common = dict(model=tiny_model, data=sft_data[1], store=tmp_path / "s", checkpoint="c0", split="val")
+    build_sketches(BuildConfig(spec=ProjectionSpec(dim=512, mode="factored", factor_side=64), **common), progress=False)
+    with pytest.raises(SpecMismatchError, match="factor_side 32 != store 64"):
+        build_sketches(BuildConfig(spec=ProjectionSpec(dim=512, mode="factored", factor_side=32), **common),
+                       progress=False)
 
 
 def test_refusals(model_tok, tiny_model, sft_data, tmp_path):

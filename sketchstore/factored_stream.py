@@ -1,0 +1,120 @@
+"""Factored sketches accumulated during the backward pass (``norms="sketch"``, factored.py).
+
+Without exact norms no row needs its unprojected factors after the pass, so every hooked
+call's factors are projected where they appear and multiplied at once, as Bergson's
+per-module collector does: the forward hook keeps P_col x_t of a linear layer for all S x T
+positions of the pass (the input ids of an embedding, the normalised input of a norm), the
+output-gradient hook computes P_row g_t and adds the per-sequence products
+(P_row g_t)(P_col x_t)^T, one batched matrix product of (S, k_r, T) by (S, T, k_c), into its
+row's block. Padding positions need no masking: right padding and causal attention leave
+their output gradients exactly zero. Nothing is copied into row order, no per-row loop runs,
+and nothing but the (rows, k_r, k_c) blocks outlives a pass; the blocks equal those of the
+exact-norm path (same seeded factors), up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .factor_projection import apply_codes
+from .sequences import SequenceBatch
+
+
+def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
+                 emit: Callable[[str, torch.Tensor], object]) -> list[float]:
+    """Run ``batch`` in ``passes`` (sequence indices) with every parameter frozen (the caller's
+    job); ``emit(name, (R, k_r, k_c) block or (R, m) vector)`` per selected parameter in sorted
+    name order; returns per-row losses. ``sketcher``: the FactoredSketcher whose hooked modules
+    (``uses``), factors (``projection``) and norm check (``_normalised``) are used."""
+    R = batch.n_rows
+    device = sketcher._device()
+    projection = sketcher.projection
+    acc: dict[str, torch.Tensor] = {}
+    state: dict = {}
+    seq_rows = batch.seq_rows.to(device)
+    row_loss = torch.zeros(R, dtype=torch.float64)
+
+    def add(name: str, rows: torch.Tensor, value: torch.Tensor) -> None:
+        if name not in acc:
+            acc[name] = value.new_zeros((R,) + tuple(value.shape[1:]))
+        acc[name].index_add_(0, rows, value)
+
+    def codes(name: str):
+        k_r, k_c = projection.block_shape(name)
+        return projection.codes(name, "row"), projection.codes(name, "col"), k_r, k_c
+
+    def on_grad(use, saved, rows):
+        def hook(grad):
+            g = grad.detach().float()
+            if use.bias:
+                add(use.bias, rows, g.sum(1))
+            if use.weight is None:
+                return
+            if use.kind == "linear":
+                row_codes, _, k_r, _ = codes(use.weight)
+                gp = apply_codes(g, row_codes, k_r)  # (S, T, k_r)
+                add(use.weight, rows, torch.bmm(gp.transpose(1, 2), saved))
+            elif use.kind == "embedding":
+                add_lookup(use.weight, saved, g, rows)
+            else:
+                add(use.weight, rows, (g * saved).sum(1))
+        return hook
+
+    def add_lookup(name, ids, g, rows):
+        """Block rows P_row[:, id] += (P_col g)^T: a signed row lookup per token."""
+        row_codes, col_codes, k_r, k_c = codes(name)
+        gp = apply_codes(g, col_codes, k_c)  # (S, T, k_c)
+        gp = torch.where((ids >= 0)[..., None], gp, torch.zeros_like(gp))  # padding_idx: no gradient
+        ids = ids.clamp_min(0)
+        if row_codes is None:
+            bucket = ids
+        else:
+            code = row_codes[ids]
+            negative = code >= k_r
+            bucket = code - k_r * negative
+            gp = torch.where(negative[..., None], -gp, gp)
+        if name not in acc:
+            acc[name] = gp.new_zeros(R, k_r, k_c)
+        flat = (rows[:, None] * k_r + bucket).reshape(-1)
+        acc[name].view(R * k_r, k_c).index_add_(0, flat, gp.reshape(-1, k_c))
+
+    def on_forward(use):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            saved = None
+            if use.kind == "embedding":
+                saved = x if module.padding_idx is None else torch.where(x == module.padding_idx, -1, x)
+            elif use.weight is not None and use.kind == "linear":
+                _, col_codes, _, k_c = codes(use.weight)
+                saved = apply_codes(x.detach().float(), col_codes, k_c)
+            elif use.weight is not None:
+                saved = sketcher._normalised(use, x.detach(), output.detach())
+            if module is sketcher.input_embedding:  # the leaf of the backward graph
+                output = output.detach().requires_grad_(True)
+            if output.requires_grad:
+                output.register_hook(on_grad(use, saved, state["rows"]))
+            return output
+        return hook
+
+    handles = [u.module.register_forward_hook(on_forward(u)) for u in sketcher.uses]
+    if not any(u.module is sketcher.input_embedding for u in sketcher.uses):
+        handles.append(sketcher.input_embedding.register_forward_hook(sketcher._start_hook))
+    try:
+        for index in passes:
+            ids, mask = batch.padded(index)
+            state["rows"] = seq_rows[index.to(device)]
+            logits = sketcher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            losses = batch.loss_fn(logits, index)
+            del logits
+            if losses.requires_grad:
+                losses.sum().backward()
+            row_loss.index_add_(0, batch.seq_rows[index].cpu(), losses.detach().double().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    for name in sorted(n for n, _ in sketcher.params):
+        value = acc.pop(name, None)
+        emit(name, value if value is not None else sketcher._zeros(name, R))
+    return row_loss.tolist()
