@@ -27,13 +27,33 @@ from cropi.demo import DemoConfig, comparison_base
 from cropi.engine import close_engine
 from cropi.strategies import FILLS
 from cropi.study import run_study
-from cropi.testbed import SETTINGS
+from cropi.testbed import ROLES, SETTINGS
 from cropi.testbed_warm import WarmRecipe, ensure_testbed_model
 from cropi.trainer import start_engine
+from sketchstore.data import read_rows
 
 STRATEGIES = ("random", "learnability", "pass-rate", "influence-once", "cropi")
 DEMO_FIELDS = ("stages", "steps_per_stage", "fraction", "fill", "prompts_per_step", "n", "max_tokens", "lr",
                "eval_every", "eval_samples", "popi_n", "pool_size", "val_size", "eval_size", "dim")
+
+
+def selection_roles(out: Path, settings: list[str], seeds: list[int], arms: list[str]) -> dict:
+    """Per setting and arm, the share of each testbed role among the prompts its stages trained on
+    (all seeds and stages pooled): which kinds of prompts a selection picks."""
+    shares: dict = {}
+    for setting in settings:
+        for arm in arms:
+            counts = dict.fromkeys(ROLES, 0)
+            for seed in seeds:
+                run = out / setting / f"seed{seed}"
+                role = {r["id"]: r["role"] for r in read_rows(run / "pool.jsonl")}
+                for stage in sorted((run / arm / "selections").glob("stage*.jsonl")):
+                    for r in read_rows(stage, required=("id",)):
+                        counts[role[r["id"]]] += 1
+            total = sum(counts.values())
+            if total:
+                shares.setdefault(setting, {})[arm] = {k: round(v / total, 3) for k, v in counts.items()}
+    return shares
 
 
 def main() -> None:
@@ -77,6 +97,8 @@ def main() -> None:
     figures = {"model": str(model), "config": {k: str(v) if isinstance(v, Path) else v
                                                 for k, v in dataclasses.asdict(demo).items()},
                "seeds": args.seeds, "settings": args.settings, "summary": result.summary, "plots": result.plots,
+               "selection_roles": selection_roles(args.out, args.settings, args.seeds,
+                                                  ["full", *args.strategies, *variants]),
                "minutes": (time.perf_counter() - start) / 60}
     print(json.dumps(figures))
 
