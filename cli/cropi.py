@@ -1,6 +1,7 @@
 """The ``cropi`` command: curriculum RL with off-policy influence, one subcommand per step.
 
-``rollout`` samples behaviour-policy trajectories with vLLM, ``grpo`` trains on a whole pool,
+``rollout`` samples behaviour-policy trajectories with vLLM, ``rewards`` shows how a reward reads
+responses, ``grpo`` trains on a whole pool,
 ``train`` runs one stagewise strategy (CROPI by default), ``compare`` runs several under one
 budget and reports the acceleration, ``demo`` does all of it offline on the embedded policy.
 Every flag comes from a field of the library's config dataclasses (cli/options.py), with its
@@ -17,11 +18,13 @@ from cropi.compare import DEFAULT_METRIC, METRICS
 from cropi.curriculum import CurriculumConfig
 from cropi.demo import DemoConfig
 from cropi.errors import BadConfigError
+from cropi.reward_report import DEFAULT_EXAMPLES
 from cropi.rollout import RolloutConfig
 from cropi.sketch_demo import SketchDemoConfig
 from cropi.strategies import STRATEGIES
 from cropi.train_config import TrainConfig
 from sketchstore import ProjectionSpec
+from sketchstore.data import ColumnMap
 
 from .common import one_line_errors
 from .options import options_from, take
@@ -52,7 +55,8 @@ def main() -> None:
 
 
 @main.command("rollout")
-@options_from(RolloutConfig)
+@options_from(RolloutConfig, exclude=("columns",))
+@options_from(ColumnMap)
 @QUIET
 @one_line_errors
 def rollout_cmd(quiet, **values) -> None:
@@ -63,7 +67,31 @@ def rollout_cmd(quiet, **values) -> None:
     """
     from cropi.rollout import run_rollouts
 
-    click.echo(run_rollouts(take(RolloutConfig, values), progress=not quiet).summary())
+    click.echo(run_rollouts(take(RolloutConfig, values, columns=take(ColumnMap, values)), progress=not quiet).summary())
+
+
+@main.command("rewards")
+@click.option("--trajectories", type=click.Path(path_type=Path), default=None,
+              help="Trajectory store written by `cropi rollout`: score its responses.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="A dataset with a response column (e.g. reference solutions): score its responses.")
+@click.option("--reward", default="math_verify", show_default=True, help="Reward function (cropi.rewards.list_rewards()).")
+@click.option("--examples", type=int, default=DEFAULT_EXAMPLES, show_default=True,
+              help="Examples shown of each kind (correct, wrong, unparsed).")
+@click.option("--behaviour", default=None, help="Only the trajectories of this behaviour policy.")
+@options_from(ColumnMap)
+@one_line_errors
+def rewards_cmd(trajectories, data, reward, examples, behaviour, **values) -> None:
+    """How a reward reads responses: counts of parsed, unparsed and correct, with examples of each."""
+    from cropi.reward_report import check_rewards, dataset_rows, trajectory_rows
+
+    if (trajectories is None) == (data is None):
+        raise BadConfigError("give exactly one of --trajectories T or --data FILE")
+    columns = take(ColumnMap, values)
+    if trajectories is not None and columns.mapping():
+        raise BadConfigError("column options apply to --data, not to --trajectories")
+    rows = trajectory_rows(trajectories, behaviour) if trajectories is not None else dataset_rows(data, columns)
+    click.echo(check_rewards(rows, reward, examples, source=str(trajectories or data)).summary())
 
 
 @main.command("grpo")

@@ -23,6 +23,7 @@ from sketchstore import (
     score,
     select,
 )
+from sketchstore.data import ColumnMap
 from sketchstore.distributed import scoring_executor
 from sketchstore.errors import BadInputError
 from sketchstore.scoring import AGGREGATIONS, METRICS
@@ -91,7 +92,8 @@ def _chosen_objective(name: str, values: dict):
 
 
 @main.command()
-@options_from(BuildConfig, exclude=("spec", "objective", "shard"))
+@options_from(BuildConfig, exclude=("spec", "objective", "shard", "columns"))
+@options_from(ColumnMap)
 @options_from(ProjectionSpec, exclude=("param_hash",))
 @click.option("--shard", default="0/1", show_default=True,
               help="Build only shard I of N (disjoint by id); auto: I/N from RANK/WORLD_SIZE (torchrun).")
@@ -101,7 +103,8 @@ def _chosen_objective(name: str, values: dict):
 def build(shard, objective, quiet, **values) -> None:
     """Sketch per-row gradients of an objective (sft, popi, ...) into a store."""
     spec = take(ProjectionSpec, values)
-    config = take(BuildConfig, values, spec=spec, shard=_parse_shard(shard), objective=_chosen_objective(objective, values))
+    config = take(BuildConfig, values, spec=spec, columns=take(ColumnMap, values), shard=_parse_shard(shard),
+                  objective=_chosen_objective(objective, values))
     report = build_sketches(config, progress=not quiet)
     click.echo(f"{config.checkpoint}:{config.split}: {report.added} rows added, {report.skipped} already stored, "
                f"{report.total} in input ({report.rows_per_second:.2f} rows/s)")

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sketchstore.data import read_rows
+from sketchstore.data import ColumnMap, read_rows
 from sketchstore.objectives import register_objective
 from sketchstore.options import option
 from sketchstore.sequences import SequenceBatch, right_pad, select_tokens, token_logprobs
@@ -218,12 +218,12 @@ class POPIOptions:
         object.__setattr__(self, "trajectories", Path(self.trajectories))
         check_float("popi_clip", self.popi_clip, 0.0)
 
-    def read_rows(self, data: Path | None) -> list[dict]:
+    def read_rows(self, data: Path | None, columns: ColumnMap | None = None) -> list[dict]:
         """Prompt groups of the trajectories; restricted to (and given metadata from) ``data`` when given."""
         rows = read_prompt_groups(self.trajectories, self.behaviour)
         if data is None:
             return rows
-        extra = {r["id"]: r for r in read_rows(data, required=("id",))}
+        extra = {r["id"]: r for r in read_rows(data, required=("id",), columns=columns)}
         payload = ("id",) + self.payload
         return [{**{k: v for k, v in extra[r["id"]].items() if k not in payload and k not in ("prompt", "response")}, **r}
                 for r in rows if r["id"] in extra]

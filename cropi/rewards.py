@@ -1,8 +1,9 @@
 """Verifiable rewards: ``reward(response_text, answer) -> float`` in {0.0, 1.0}.
 
 ``math_verify`` (default) extracts the final answer of a response -- the last
-``\\boxed{...}`` or the value after "The answer is" / "final answer is" -- with the
-``math-verify`` package and compares it with the gold answer by mathematical equivalence
+``\\boxed{...}``, the value after "The answer is" / "final answer is", or GSM8K's final line
+``#### N`` (commas allowed, e.g. ``#### 1,234``; it counts when no box or "answer is" comes
+after it) -- with the ``math-verify`` package and compares it with the gold answer by mathematical equivalence
 ("0.5" == "1/2", "12.0" == "12"). ``exact`` compares the extracted answer as a normalised
 string. A response whose answer cannot be extracted scores 0.0 and is counted as
 *unparseable* in a :class:`RewardStats` (the module-wide :data:`DEFAULT_STATS` unless one
@@ -32,6 +33,8 @@ __all__ = [
     "exact_score",
     "extract_answer_text",
     "get_reward",
+    "get_scorer",
+    "gsm8k_final_answer",
     "list_rewards",
     "math_verify_reward",
     "math_verify_score",
@@ -46,6 +49,10 @@ MAX_RESPONSE_CHARS = 4000
 MAX_ANSWER_CHARS = 200
 # math-verify's timeouts (seconds), used only in the main thread.
 TIMEOUT_S = 5
+# GSM8K's final answer line, "#### 72" / "#### -1,234" / "#### $3.50": sign, digits with thousands commas, decimals.
+_GSM8K_FINAL = re.compile(r"####\s*\$?\s*([-+]?(?:\d[\d,]*)?\.?\d+)")
+# Anchors of math-verify's extraction: a "####" line counts only when none of these follows it.
+_LATER_ANCHOR = re.compile(r"(?i)\\boxed|\\fbox|answer\s*(?:is|:)")
 
 
 class RewardResult(NamedTuple):
@@ -117,6 +124,14 @@ def _gold_config():
     return (LatexExtractionConfig(), ExprExtractionConfig())
 
 
+def gsm8k_final_answer(text: str) -> str | None:
+    """The number of the last ``#### N`` line (commas removed) when no box or "answer is" follows it, else None."""
+    matches = list(_GSM8K_FINAL.finditer(text))
+    if not matches or _LATER_ANCHOR.search(text, matches[-1].end()):
+        return None
+    return matches[-1].group(1).replace(",", "")
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse_gold_cached(answer: str, use_timeout: bool):
     from math_verify import parse
@@ -157,7 +172,11 @@ def math_verify_score(response: str, answer: str) -> RewardResult:
     if _looks_expensive(text):
         return RewardResult(0.0, False, None)
     timeout = _timeout()
-    pred = parse(text, extraction_config=_pred_config(), parsing_timeout=timeout) if text.strip() else []
+    final = gsm8k_final_answer(text)
+    if final is not None:
+        pred = _parse_gold(final)
+    else:
+        pred = parse(text, extraction_config=_pred_config(), parsing_timeout=timeout) if text.strip() else []
     if not pred:
         return RewardResult(0.0, False, None)
     extracted = str(pred[-1])
@@ -193,11 +212,15 @@ _ANSWER_IS = re.compile(r"(?i)answer\s*(?:is|:)\s*:?\s*(.+?)\s*(?:\.\s*$|\.\s+|\
 
 
 def extract_answer_text(response: str) -> str | None:
-    """The final answer as text: the last ``\\boxed{}`` content, else the text after the
-    last "answer is" / "answer:"; None when neither is present."""
+    """The final answer as text: a final ``#### N`` line (:func:`gsm8k_final_answer`), else the
+    last ``\\boxed{}`` content, else the text after the last "answer is" / "answer:"; None when
+    none is present."""
     from .tasks import extract_boxed
 
     text = "" if response is None else str(response)[-MAX_RESPONSE_CHARS:]
+    final = gsm8k_final_answer(text)
+    if final is not None:
+        return final
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -237,14 +260,41 @@ def exact_reward(response: str, answer: str, stats: RewardStats | None = None) -
 # Registry
 # --------------------------------------------------------------------------------------
 
+ScoreFn = Callable[[str, str], RewardResult]
 _REGISTRY: dict[str, RewardFn] = {"math_verify": math_verify_reward, "exact": exact_reward}
+_SCORERS: dict[str, ScoreFn] = {"math_verify": math_verify_score, "exact": exact_score}
 
 
-def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
-    """Add a reward ``fn(response, answer, stats=None) -> float`` under ``name``."""
+def register_reward(name: str, fn: RewardFn, overwrite: bool = False, score: ScoreFn | None = None) -> None:
+    """Add a reward ``fn(response, answer, stats=None) -> float`` under ``name``; ``score``, when
+    given, returns the :class:`RewardResult` (with the extracted answer) that ``fn`` rewards."""
     if name in _REGISTRY and not overwrite:
         raise BadConfigError(f"reward {name!r} is already registered")
     _REGISTRY[name] = fn
+    _SCORERS.pop(name, None)
+    if score is not None:
+        _SCORERS[name] = score
+
+
+def get_scorer(name: str = "math_verify") -> ScoreFn:
+    """``score(response, answer) -> RewardResult`` of reward ``name`` (never raises on bad output).
+    A reward registered without a scorer reports parsed from its :class:`RewardStats` and no
+    extracted text."""
+    fn = get_reward(name)
+    own = _SCORERS.get(name)
+
+    def score(response: str, answer: str) -> RewardResult:
+        if own is not None:
+            try:
+                return own(response, answer)
+            except Exception as e:  # as math_verify_reward: bad output scores 0, never propagates
+                _log.debug("%s scoring failed: %r", name, e)
+                return RewardResult(0.0, False, None)
+        stats = RewardStats()
+        reward = fn(response, answer, stats=stats)
+        return RewardResult(float(reward), stats.unparseable == 0, None)
+
+    return score
 
 
 def get_reward(name: str = "math_verify") -> RewardFn:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from sketchstore.data import ColumnMap
 from sketchstore.options import option
 from sketchstore.prompts import encode_prompt
 from sketchstore.seeds import stable_seed
@@ -83,7 +84,8 @@ class RolloutConfig:
     """What ``cropi rollout`` samples; invalid values raise BadConfigError naming the field."""
 
     model: Path = option(help="Behaviour policy: local HF checkpoint directory.")
-    data: Path = option(help="Tasks (.jsonl/.json/.parquet) with id, prompt, answer.")
+    data: Path = option(help="Tasks with prompt and answer: JSONL/JSON, Parquet, a directory or glob of Parquet shards, "
+                             "or a datasets save_to_disk directory; GSM8K and MATH rows as released.")
     out: Path = option(help="Trajectory store (directory of Parquet parts; DuckDB: read_parquet('OUT/part-*.parquet')).")
     n: int = option(8, "Samples per prompt (K).")
     max_tokens: int = option(256, "Response token limit.")
@@ -97,6 +99,7 @@ class RolloutConfig:
     dtype: str = option("auto", "vLLM dtype (auto: the checkpoint's on CPU, vLLM's choice on GPU).", choices=ENGINE_DTYPES)
     max_model_len: int | None = option(None, "Context limit [default: the model's].")
     threads: int | None = option(None, "CPU engine threads [default: OMP_NUM_THREADS, else 1].")
+    columns: ColumnMap = option(default_factory=ColumnMap, help="Which columns of --data hold prompt, answer, id.")
 
     def __post_init__(self) -> None:
         self.model, self.data, self.out = Path(self.model), Path(self.data), Path(self.out)
@@ -256,7 +259,7 @@ def run_rollouts(config: RolloutConfig, progress: bool = True, llm=None, tokeniz
     engine call. ``llm``/``tokenizer``: reuse a live engine (its weights are the behaviour
     policy; the caller keeps ``config.behaviour`` truthful) instead of starting one."""
     t_start = time.perf_counter()
-    tasks = read_tasks(config.data)
+    tasks = read_tasks(config.data, config.columns)
     if not (config.model / "config.json").is_file():
         raise BadConfigError(f"{config.model}: not a model directory (no config.json)")
     report = RolloutReport(out=config.out, behaviour=str(config.behaviour), prompts_total=len(tasks))

@@ -18,15 +18,14 @@ Generated sets are deterministic in ``seed`` and item ``i`` is drawn from its ow
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sketchstore.data import read_json_lines, read_parquet_rows, write_rows
+from sketchstore.data import (ColumnMap, given_id, map_columns, read_source, source_kind, stable_id, stable_ids,
+                              write_rows)
 from sketchstore.seeds import stable_seed
 
 from .errors import BadConfigError
@@ -353,11 +352,6 @@ def generate_tasks(
 # --------------------------------------------------------------------------------------
 
 
-def stable_id(prompt: str) -> str:
-    """Id derived from the prompt text (same in every process)."""
-    return "h-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
-
-
 def extract_boxed(text: str) -> str | None:
     r"""Content of the last ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, nested braces handled.
 
@@ -388,16 +382,22 @@ def extract_boxed(text: str) -> str | None:
 
 
 _GSM_CALC = re.compile(r"<<[^<>]*>>")
+GSM8K_MARKER = "####"
+
+
+def gsm8k_final(text: str) -> str | None:
+    """The final answer after the last ``####`` of a GSM8K solution (commas and ``$`` removed), or None."""
+    if GSM8K_MARKER not in text:
+        return None
+    final = text.rpartition(GSM8K_MARKER)[2].strip().replace(",", "").replace("$", "").strip()
+    return final or None
 
 
 def _gsm8k_answer(text: str) -> tuple[str, str] | None:
-    if "####" not in text:
+    final = gsm8k_final(text)
+    if final is None:
         return None
-    body, _, final = text.rpartition("####")
-    final = final.strip().replace(",", "").replace("$", "").strip()
-    if not final:
-        return None
-    body = _GSM_CALC.sub("", body).strip()
+    body = _GSM_CALC.sub("", text.rpartition(GSM8K_MARKER)[0]).strip()
     response = f"{body}\n{format_final_answer(final)}" if body else format_final_answer(final)
     return final, response
 
@@ -425,11 +425,16 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
     """Turn rows in native / GSM8K / MATH layout into task rows (see module docstring).
 
     The layout is decided from the columns of the first row: ``prompt`` + ``answer``
-    (native), ``question`` + ``answer`` (GSM8K, ``#### 42``), ``problem`` + ``solution``
+    (native), ``question`` + ``answer`` (GSM8K, ``#### 42``; the response is the solution without
+    its ``<<...>>`` calculator notes, ending "The answer is 42.", unless a ``response`` column is
+    given), ``problem`` + ``solution``
     (MATH: answer = last ``\\boxed{}``; an ``answer`` column, as in MATH-500, wins) or
-    ``problem`` + ``answer``. Ids: ``id``, else ``unique_id``, else :func:`stable_id` of the
-    prompt (``-1``, ``-2``... appended for repeated prompts). Raises BadConfigError naming
-    ``source`` on problems (duplicate ids, missing columns, no final answer).
+    ``problem`` + ``answer``. A native answer holding a GSM8K solution (``... #### 42``, e.g.
+    mapped there by ``--answer-column``) is cut to its final answer. Ids: ``id``, else
+    ``unique_id``, else :func:`stable_id` of the prompt (``-1``, ``-2``... appended for repeated
+    prompts; :func:`sketchstore.data.stable_ids`, so ``sketch build`` derives the same ids).
+    Raises BadConfigError naming ``source`` on problems (duplicate ids, missing columns, no
+    final answer).
     """
     if not raw:
         raise BadConfigError(f"{source}: no rows")
@@ -447,8 +452,6 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
         )
     need = {"native": ("prompt", "answer"), "gsm8k": ("question", "answer"), "math": ("problem",)}[layout]
     out: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    derived_count: dict[str, int] = {}
     for k, r in enumerate(raw):
         for c in need:
             if c not in r or r[c] is None:
@@ -457,6 +460,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
         if layout == "native":
             prompt = str(r["prompt"])
             answer = _answer_str(r["answer"])
+            answer = gsm8k_final(answer) or answer
             response = "" if r.get("response") is None else str(r["response"])
             family = str(r.get("family") or "native")
             difficulty = _as_int(r.get("difficulty"))
@@ -466,6 +470,7 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             if parsed is None:
                 raise BadConfigError(f"{source}: row {k}: GSM8K answer has no final '#### <number>'")
             answer, response = parsed
+            response = response if r.get("response") in (None, "") else str(r["response"])  # a mapped response wins
             family = str(r.get("family") or "gsm8k")
             difficulty = _as_int(r.get("difficulty"))
         else:
@@ -486,46 +491,32 @@ def normalize_rows(raw: Sequence[dict[str, Any]], source: str = "<rows>") -> lis
             extra = {c: v for c, v in extra.items() if c not in ("answer", "solution")}
         if not answer:
             raise BadConfigError(f"{source}: row {k}: empty answer")
-        given_id = r.get("id") if r.get("id") not in (None, "") else r.get("unique_id")
-        if given_id not in (None, ""):
-            rid = str(given_id)
-        else:
-            base = stable_id(prompt)
-            nth = derived_count.get(base, 0)
-            derived_count[base] = nth + 1
-            rid = base if nth == 0 else f"{base}-{nth}"
-        if rid in seen:
-            raise BadConfigError(f"{source}: duplicate id {rid!r} (rows {seen[rid]} and {k})")
-        seen[rid] = k
+        own = given_id(r)
         extra.pop("id", None)
-        out.append({"id": rid, "prompt": prompt, "answer": answer, "response": response,
-                    "difficulty": difficulty, "family": family, **extra})
+        out.append({"id": None if own is None else str(own), "prompt": prompt, "answer": answer,
+                    "response": response, "difficulty": difficulty, "family": family, **extra})
+    derived = iter(stable_ids(row["prompt"] for row in out if row["id"] is None))
+    seen: dict[str, int] = {}
+    for k, row in enumerate(out):
+        row["id"] = next(derived) if row["id"] is None else row["id"]
+        if row["id"] in seen:
+            raise BadConfigError(f"{source}: duplicate id {row['id']!r} (rows {seen[row['id']]} and {k})")
+        seen[row["id"]] = k
     return out
 
 
-def read_tasks(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read tasks from ``.jsonl`` / ``.json`` / ``.parquet`` (any of the supported layouts)."""
+def read_tasks(path: str | os.PathLike, columns: ColumnMap | None = None) -> list[dict[str, Any]]:
+    """Read tasks from any source :func:`sketchstore.data.read_source` reads (JSONL/JSON, Parquet,
+    Parquet shards, a datasets ``save_to_disk`` directory), in any supported layout; ``columns``
+    maps other column names to ``prompt``/``response``/``answer``/``id``."""
     p = Path(path)
-    if not p.is_file():
-        raise BadConfigError(f"{p}: task file does not exist")
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        raw = read_json_lines(p)
-    elif suffix == ".json":
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BadConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
-            raise BadConfigError(f"{p}: expected a JSON list of objects")
-        raw = obj
-    elif suffix in (".parquet", ".pq"):
-        raw = read_parquet_rows(p)
-    else:
-        raise BadConfigError(f"{p}: unsupported task file extension {suffix!r} (use .jsonl, .json or .parquet)")
-    return normalize_rows(raw, str(p))
+    kind = source_kind(p)
+    if kind is None or (kind != "glob" and not p.exists()):
+        if not p.exists():
+            raise BadConfigError(f"{p}: task file does not exist")
+        raise BadConfigError(f"{p}: unsupported task file extension {p.suffix.lower()!r} (use .jsonl, .json, "
+                             ".parquet, a directory or glob of Parquet shards, or a datasets save_to_disk directory)")
+    return normalize_rows(map_columns(read_source(p), columns, str(p)), str(p))
 
 
 def write_tasks(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:

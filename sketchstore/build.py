@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 from torch import nn
 from tqdm import tqdm
 
+from .budget import GB, available_memory, check_fits, estimate_memory
 from .codecs import DEFAULT_COMPRESSOR
+from .data import ColumnMap
 from .errors import BadInputError, SpecMismatchError
 from .factored import NORM_MODES, FactoredSketcher
 from .gradients import load_model, model_fingerprint, parameter_shapes, select_parameters
@@ -57,12 +59,15 @@ class BuildConfig:
     """
 
     model: Path = option(help="Local Hugging Face checkpoint directory.")
-    data: Path | None = option(help="JSONL/Parquet rows (sft: id, prompt, response; other objectives: optional, "
+    data: Path | None = option(help="Rows: JSONL, Parquet, a directory or glob of Parquet shards, or a datasets "
+                                    "save_to_disk directory (sft: prompt, response; other objectives: optional, "
                                     "restricts rows and adds metadata).")
     store: Path | str = option(help="Sketch store: a directory, or an object-storage URL such as s3://bucket/prefix.")
     checkpoint: str = option(help="Name recorded for this model's sketches.")
     split: str = option(help="Split name, e.g. train or a validation set's name.")
     spec: ProjectionSpec = option(default_factory=ProjectionSpec, help="How gradients become sketches.")
+    columns: ColumnMap = option(default_factory=ColumnMap, help="Which columns of --data hold prompt, response, "
+                                                                "answer and id.")
     params: tuple[str, ...] | None = option(None, "Glob patterns of parameter names to sketch (default: all).")
     device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "Rows projected together (factored: rows per forward/backward; "
@@ -74,12 +79,16 @@ class BuildConfig:
     objective: str | ObjectiveOptions = option("sft", "What a sketch is the gradient of (a registered objective).")
     norms: str = option("exact", "grad_norm: exact per-row gradient norms, or (factored only, faster) each sketch's "
                                  "norm, unbiased in square; the manifest's grad_norm_kind says which.", choices=NORM_MODES)
+    memory_limit_gb: float = option(0.0, "GB the build may use beyond the loaded model (0: the memory available now, "
+                                         "on CPU); a build estimated to need more is refused before it starts.")
 
     def __post_init__(self) -> None:
         check_name(self.checkpoint, "checkpoint")
         check_name(self.split, "split")
         if self.batch_size < 1 or self.flush_rows < 1 or self.max_length < 2:
             raise BadInputError("batch size and flush rows must be >= 1 and max length >= 2")
+        if not self.memory_limit_gb >= 0:
+            raise BadInputError(f"memory limit must be >= 0 GB, got {self.memory_limit_gb!r}")
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
             raise BadInputError(f"invalid shard {index}/{count}: need 0 <= I < N")
@@ -109,7 +118,7 @@ def _metadata(row: dict, objective: ObjectiveOptions) -> dict:
 
 def _rows(config: BuildConfig) -> list[dict]:
     """The rows of this build's shard, as the objective reads them."""
-    return [r for r in config.objective.read_rows(config.data) if in_shard(r["id"], config.shard)]
+    return [r for r in config.objective.read_rows(config.data, config.columns) if in_shard(r["id"], config.shard)]
 
 
 def _check_checkpoint_model(store: SketchStore, checkpoint: str, fingerprint: str) -> None:
@@ -128,6 +137,33 @@ def make_sketcher(model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], 
     return GradientSketcher(model, params, spec)
 
 
+def _check_memory(config: BuildConfig, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]],
+                  spec: ProjectionSpec, objective, rows: Sequence[dict], progress: bool) -> None:
+    """Estimate the build's memory (budget.py), print it, and refuse a build that cannot fit."""
+    estimate = estimate_memory(model, params, spec, objective, rows, config.batch_size, config.flush_rows)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    limit = int(config.memory_limit_gb * GB) if config.memory_limit_gb else (available_memory() if on_cpu else None)
+    if progress:
+        tqdm.write(f"estimated memory: {estimate.describe()}" + (f"; limit {limit / GB:.1f} GB" if limit else ""))
+    if limit is not None:
+        check_fits(estimate, limit)
+
+
+def _first_batch_clock(bar: tqdm, total: int, progress: bool) -> Callable[[int], None]:
+    """The progress callback: updates ``bar`` and, after the first rows, prints the estimated time."""
+    start, seen = time.perf_counter(), [0]
+
+    def on_row(n: int) -> None:
+        bar.update(n)
+        if seen[0] == 0 and progress and total > n:
+            seconds = time.perf_counter() - start
+            tqdm.write(f"first {n} row(s) in {seconds:.1f} s: about {seconds / n * (total - n) / 60:.1f} min "
+                       f"for the {total - n} left")
+        seen[0] += n
+
+    return on_row
+
+
 def build_sketches(config: BuildConfig, progress: bool = True,
                    on_part: Callable[[int], None] | None = None) -> BuildReport:
     """Sketch every row the objective reads (sft: each row of ``config.data``) not yet stored
@@ -141,19 +177,21 @@ def build_sketches(config: BuildConfig, progress: bool = True,
     params = select_parameters(model, config.params)
     spec = replace(config.spec, param_hash=param_spec_hash(parameter_shapes(params)))
     sketcher = make_sketcher(model, params, spec, config.norms)
+    objective = config.objective.make(tokenizer, config.max_length)
+    _check_memory(config, model, params, spec, objective, rows, progress)
     store = SketchStore.open_or_create(config.store, spec, compressor=config.compressor)
     fingerprint = model_fingerprint(params)
     _check_checkpoint_model(store, config.checkpoint, fingerprint)
     done = store.existing_ids(config.checkpoint, config.split)
     todo = [r for r in rows if r["id"] not in done]
     report = BuildReport(total=len(rows), skipped=len(rows) - len(todo), added=0, seconds=0.0)
-    objective = config.objective.make(tokenizer, config.max_length)
     source = {"model": str(config.model), "fingerprint": fingerprint, "objective": objective.name,
               GRAD_NORM_KIND: config.norms}
     bar = tqdm(total=len(todo), desc=f"sketch {config.checkpoint}:{config.split}", unit="row", disable=not progress)
+    on_row = _first_batch_clock(bar, len(todo), progress)
     for lo in range(0, len(todo), config.flush_rows):
         group = todo[lo:lo + config.flush_rows]
-        done_rows = sketcher.sketch_rows(objective, group, config.batch_size, on_row=bar.update)
+        done_rows = sketcher.sketch_rows(objective, group, config.batch_size, on_row=on_row)
         batch = SketchBatch(ids=[r["id"] for r in group], sketches=done_rows.sketches, grad_norms=done_rows.grad_norms,
                             n_tokens=done_rows.n_tokens, metadata=[{**_metadata(r, config.objective), GRAD_NORM_KIND: config.norms} for r in group])
         added = store.append(config.checkpoint, config.split, batch, source=source)

@@ -1,7 +1,7 @@
 """Objectives: what a sketch is the gradient of, and which rows a build sketches.
 
 An objective *kind* is a dataclass of options registered under a name. It reads the rows to
-sketch (:meth:`ObjectiveOptions.read_rows`) and makes the per-row loss
+sketch (:meth:`ObjectiveOptions.read_rows`, with the data's :class:`~sketchstore.data.ColumnMap`) and makes the per-row loss
 (:meth:`ObjectiveOptions.make`), an :class:`Objective`. The store knows one kind, ``sft``
 (:mod:`sketchstore.sft`); other packages add theirs with :func:`register_objective`, or
 through the ``sketchstore.objectives`` entry-point group so that ``sketch build --objective
@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from .data import ColumnMap
 from .errors import BadInputError
 from .sequences import SequenceBatch
 
@@ -45,7 +46,7 @@ class ObjectiveOptions(Protocol):
     name: ClassVar[str]
     payload: ClassVar[tuple[str, ...]]
 
-    def read_rows(self, data: Path | None) -> list[dict]: ...
+    def read_rows(self, data: Path | None, columns: ColumnMap | None = None) -> list[dict]: ...
 
     def make(self, tokenizer: Any, max_length: int) -> Objective: ...
 

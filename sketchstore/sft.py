@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .data import read_rows
+from .data import ColumnMap, read_rows
 from .errors import BadInputError
 from .objectives import register_objective
 from .prompts import encode_prompt
@@ -101,10 +101,10 @@ class SFTOptions:
     name: ClassVar[str] = "sft"
     payload: ClassVar[tuple[str, ...]] = ("prompt", "response")
 
-    def read_rows(self, data: Path | None) -> list[dict]:
+    def read_rows(self, data: Path | None, columns: ColumnMap | None = None) -> list[dict]:
         if data is None:
-            raise BadInputError("the sft objective needs --data (JSONL/Parquet with id, prompt, response)")
-        return read_rows(data, required=SFT_COLUMNS)
+            raise BadInputError("the sft objective needs --data (rows with prompt and response)")
+        return read_rows(data, required=SFT_COLUMNS, columns=columns)
 
     def make(self, tokenizer: Any, max_length: int) -> SFTObjective:
         return SFTObjective(tokenizer, max_length=max_length)
