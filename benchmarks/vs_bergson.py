@@ -50,10 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".cache" / "bergson-venv"
 TORCH_PIN = "torch==2.13.0"
 BERGSON_PIN = "bergson==2.5.1"
-#: What ``bergson build`` imports at run time besides torch (bergson's other declared
-#: requirements, torchvision/torchaudio/bitsandbytes/torchopt among them, are never imported by it).
+#: What ``import bergson`` and ``bergson build`` need besides torch, found by installing into an
+#: empty venv until both ran (bergson's other declared requirements, torchvision, torchaudio and
+#: bitsandbytes, are never imported by them; torch and transformers pinned as in the project).
 BERGSON_DEPS = ("transformers==5.19.0", "datasets", "accelerate", "peft", "simple-parsing", "jaxtyping",
-                "natsort", "ml_dtypes", "scipy", "pyyaml", "jinja2", "psutil")
+                "natsort", "ml_dtypes", "scipy", "pyyaml", "jinja2", "psutil", "petname", "torchopt")
 MODELS = ("tiny", "small")
 DIM = 8192
 TOP_FRACTION = 0.1

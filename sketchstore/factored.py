@@ -21,10 +21,12 @@ The sketch of a row, with ``spec.mode == "factored"`` (keep_ratio must be 1):
 
 1. Per selected weight matrix (name, shape m x n) an intermediate block B = P_row G P_col^T
    of k_r x k_c, ``k_r = min(m, side)``, ``k_c = min(n, side)``, with
-   ``side = factor_side(spec.dim) = 2 ** ceil(log2(sqrt(8 * spec.dim)))``: 256 for
-   k = 4096 or 8192, 128 for 1024-2048, 512 for 16384-32768. Every layer gets a block of at
-   least 8k entries whatever the number of layers; a side that fits (m <= side) is not
-   projected (identity, exact on that side). P_row and P_col are CountSketch matrices (one
+   ``side = spec.factor_side``, by default ``2 ** ceil(log2(sqrt(2 * spec.dim)))``: 128 for
+   k = 4096 or 8192, 256 for 16384-32768 (stores written before the field had
+   ``2 ** ceil(log2(sqrt(8 * spec.dim)))``, 256 at 8192; spec.py keeps their meaning). Every
+   layer gets a block of at least 2k entries whatever the number of layers; a side that fits
+   (m <= side) is not projected (identity, exact on that side). Larger sides are more faithful
+   and cost more: benchmarks/vs_bergson.py measures the curve. P_row and P_col are CountSketch matrices (one
    +-1 per column: bucket and sign per coordinate), applied with one ``index_add_`` in
    O(m + n) per token, seeded from ``stable_seed(spec.seed, "factored", name, "row"|"col",
    size, k)``: nothing to save, identical in every process.
@@ -60,6 +62,9 @@ a signed row lookup, no V-sized product (tokens equal to ``padding_idx`` get no 
 in torch). When ``lm_head`` shares the embedding's parameter (tied), both uses contribute to
 the one parameter name, projected with the same P_row (vocab side) and P_col (hidden side)
 and added in that projected space: the block is exactly P_row (G_head + G_embed) P_col^T.
+
+With ``norms="sketch"`` the blocks are accumulated during the backward pass instead
+(factored_stream.py): each call's factors are projected in its hooks and multiplied per pass.
 
 Gradient norms (``norms``). ``"exact"`` (default): exact per-row ||g|| (the catalog uses
 grad_norm == 0 for zero-gradient rows; a POPI prompt whose advantages are all zero has no
