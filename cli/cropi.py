@@ -84,9 +84,11 @@ def rollout_cmd(quiet, **values) -> None:
 def rewards_cmd(trajectories, data, reward, examples, behaviour, **values) -> None:
     """How a reward reads responses: counts of parsed, unparsed and correct, with examples of each."""
     from cropi.reward_report import check_rewards, dataset_rows, trajectory_rows
+    from cropi.rewards import get_reward
 
     if (trajectories is None) == (data is None):
         raise BadConfigError("give exactly one of --trajectories T or --data FILE")
+    get_reward(reward)  # an unknown name fails before any file is read
     columns = take(ColumnMap, values)
     if trajectories is not None and columns.mapping():
         raise BadConfigError("column options apply to --data, not to --trajectories")
