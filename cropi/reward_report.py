@@ -84,13 +84,14 @@ class RewardReport:
         for kind in KINDS:
             if self.examples[kind]:
                 lines.append(f"{kind} examples:")
-                lines += [f"  [{e.id}] gold {e.answer!r}, extracted {e.extracted!r}: ...{_tail(e.response)}"
+                lines += [f"  [{e.id}] gold {e.answer!r}, extracted {e.extracted!r}: {_tail(e.response)}"
                           for e in self.examples[kind]]
         return "\n".join(lines)
 
 
 def _tail(text: str) -> str:
-    return repr(text[-SHOWN_CHARS:])
+    """The end of a response as a Python literal, ``...`` in front when cut."""
+    return ("..." if len(text) > SHOWN_CHARS else "") + repr(text[-SHOWN_CHARS:])
 
 
 def check_rewards(rows: Iterable[Mapping[str, Any]], reward: str = "math_verify", examples: int = DEFAULT_EXAMPLES,

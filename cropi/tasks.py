@@ -511,9 +511,9 @@ def read_tasks(path: str | os.PathLike, columns: ColumnMap | None = None) -> lis
     maps other column names to ``prompt``/``response``/``answer``/``id``."""
     p = Path(path)
     kind = source_kind(p)
-    if kind is None or (kind != "glob" and not p.exists()):
-        if not p.exists():
-            raise BadConfigError(f"{p}: task file does not exist")
+    if kind != "glob" and not p.exists():
+        raise BadConfigError(f"{p}: task file does not exist")
+    if kind is None and not p.is_dir():  # a directory of something else: read_source names what it lacks
         raise BadConfigError(f"{p}: unsupported task file extension {p.suffix.lower()!r} (use .jsonl, .json, "
                              ".parquet, a directory or glob of Parquet shards, or a datasets save_to_disk directory)")
     return normalize_rows(map_columns(read_source(p), columns, str(p)), str(p))
