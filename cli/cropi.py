@@ -75,7 +75,8 @@ def rollout_cmd(quiet, **values) -> None:
               help="Trajectory store written by `cropi rollout`: score its responses.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="A dataset with a response column (e.g. reference solutions): score its responses.")
-@click.option("--reward", default="math_verify", show_default=True, help="Reward function (cropi.rewards.list_rewards()).")
+@click.option("--reward", default="math_verify", show_default=True,
+              help="Reward function (cropi.rewards.list_rewards()).")
 @click.option("--examples", type=int, default=DEFAULT_EXAMPLES, show_default=True,
               help="Examples shown of each kind (correct, wrong, unparsed).")
 @click.option("--behaviour", default=None, help="Only the trajectories of this behaviour policy.")

@@ -30,7 +30,6 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 ARROW_SUFFIXES = (".arrow",)
 GLOB_CHARS = "*?["
 HF_STATE = "state.json"  # what Dataset.save_to_disk writes next to its Arrow files
-HF_INFO = "dataset_info.json"
 HF_DICT = "dataset_dict.json"  # DatasetDict.save_to_disk: one sub-directory per split
 #: Column layouts recognised without a mapping, {canonical name: column}; one applies only when
 #: every one of its columns is present and none of its canonical names is.
@@ -138,12 +137,16 @@ def read_json_rows(path: Path) -> list[dict]:
     return read_json_lines(path)
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else repr(err)
+
+
 def read_parquet_rows(path: Path) -> list[dict]:
     """Rows of a Parquet file as dicts."""
     try:
         return pq.read_table(path).to_pylist()
     except (OSError, pa.ArrowException) as err:
-        raise BadInputError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0] if str(err) else err!r})") from None
+        raise BadInputError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
 
 
 def read_arrow_rows(path: Path) -> list[dict]:
@@ -156,7 +159,7 @@ def read_arrow_rows(path: Path) -> list[dict]:
                 source.seek(0)
                 return pa.ipc.open_file(source).read_all().to_pylist()
     except (OSError, pa.ArrowException) as err:
-        raise BadInputError(f"{path}: not a readable Arrow file ({str(err).splitlines()[0] if str(err) else err!r})") from None
+        raise BadInputError(f"{path}: not a readable Arrow file ({_first_line(err)})") from None
 
 
 def _hf_dataset_files(directory: Path) -> list[Path]:
