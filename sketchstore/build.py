@@ -70,8 +70,9 @@ class BuildConfig:
                                                                 "answer and id.")
     params: tuple[str, ...] | None = option(None, "Glob patterns of parameter names to sketch (default: all).")
     device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.")
-    batch_size: int = option(DEFAULT_BATCH_SIZE, "Rows projected together (factored: rows per forward/backward; "
-                                                 "32-64 is faster).")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "Factored: rows per forward/backward (faster when larger; activation "
+                                                 "memory grows with it, see the printed estimate). Sparse and dense "
+                                                 "run one row per backward and do not use it.")
     flush_rows: int = option(DEFAULT_FLUSH_ROWS, "Rows per committed part.", flag="flush-every")
     max_length: int = option(DEFAULT_MAX_LENGTH, "Token limit per row.")
     compressor: str = option(DEFAULT_COMPRESSOR, "none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
