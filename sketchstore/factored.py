@@ -111,6 +111,7 @@ from .errors import BadInputError
 from .factor_projection import FactorProjection
 from .factored_blocks import block_and_norm
 from .factored_stream import stream_batch
+from .normalised import normalised_input
 from .sequences import SequenceBatch
 from .sketchers import SketchedRows
 from .spec import ProjectionSpec
@@ -281,7 +282,7 @@ class FactoredSketcher:
             elif use.kind == "linear":
                 record.x = self._store(record.x, x.detach(), torch.float32)
             else:
-                record.x = self._store(record.x, self._normalised(use, x.detach(), output.detach()), torch.float32)
+                record.x = self._store(record.x, normalised_input(use, x.detach(), output.detach()), torch.float32)
             if module is self.input_embedding:  # the leaf of the backward graph
                 output = output.detach().requires_grad_(True)
             if output.requires_grad:
@@ -291,31 +292,6 @@ class FactoredSketcher:
 
     def _start_hook(self, module, inputs, output):
         return output.detach().requires_grad_(True)
-
-    def _normalised(self, use: _Use, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """z with out == w * z (+ b), from the module's input; verified on its first call."""
-        module = use.module
-        xf = x.float()
-        if isinstance(module, nn.LayerNorm):
-            z = nn.functional.layer_norm(xf, module.normalized_shape, eps=module.eps)
-            expected = z * module.weight.float() if module.weight is not None else z
-            if module.bias is not None:
-                expected = expected + module.bias.float()
-        else:
-            eps = getattr(module, "variance_epsilon", None)
-            if eps is None:
-                eps = getattr(module, "eps", None)
-            if eps is None:
-                eps = torch.finfo(x.dtype).eps
-            z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            expected = module.weight.float() * z.to(x.dtype).float()
-        if not use.checked:
-            tol = 1e-4 if x.dtype == torch.float32 else 2e-2
-            if not torch.allclose(expected, out.float(), rtol=tol, atol=tol):
-                raise BadInputError(f"factored mode cannot reproduce {type(module).__name__} (out != w * normalised "
-                                    "input); leave its parameters out with --params")
-            use.checked = True
-        return z
 
     # ------------------------------------------------------------------ sketching
     def sketch_rows(self, objective, rows: Sequence[dict], batch_size: int,

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .factor_projection import apply_codes
+from .normalised import normalised_input
 from .sequences import SequenceBatch
 
 
@@ -27,7 +28,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
     """Run ``batch`` in ``passes`` (sequence indices) with every parameter frozen (the caller's
     job); ``emit(name, (R, k_r, k_c) block or (R, m) vector)`` per selected parameter in sorted
     name order; returns per-row losses. ``sketcher``: the FactoredSketcher whose hooked modules
-    (``uses``), factors (``projection``) and norm check (``_normalised``) are used."""
+    (``uses``), factors (``projection``) and norm check (:func:`sketchstore.normalised.normalised_input`) are used."""
     R = batch.n_rows
     device = sketcher._device()
     projection = sketcher.projection
@@ -90,7 +91,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
                 _, col_codes, _, k_c = codes(use.weight)
                 saved = apply_codes(x.detach().float(), col_codes, k_c)
             elif use.weight is not None:
-                saved = sketcher._normalised(use, x.detach(), output.detach())
+                saved = normalised_input(use, x.detach(), output.detach())
             if module is sketcher.input_embedding:  # the leaf of the backward graph
                 output = output.detach().requires_grad_(True)
             if output.requires_grad:
