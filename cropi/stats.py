@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 Curve = Sequence[tuple[int, int, float]]
 
@@ -102,16 +102,26 @@ def median(values: Sequence[float]) -> float:
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _bootstrap_interval(values: Sequence[float], statistic: Callable[[Sequence[float]], float], samples: int,
+                        level: float, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over ``values`` (resampled with replacement)."""
+    rng = random.Random(seed)
+    stats = sorted(statistic([rng.choice(values) for _ in values]) for _ in range(samples))
+    return (stats[int(math.floor((1 - level) / 2 * samples))],
+            stats[min(samples - 1, int(math.ceil((1 + level) / 2 * samples)) - 1)])
+
+
 def bootstrap_median(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, level: float = INTERVAL,
                      seed: int = 0) -> dict:
     """The median of ``values`` (e.g. per-seed accelerations) and a percentile bootstrap interval."""
     values = [v for v in values if v is not None]
     if not values:
         return {"median": None, "low": None, "high": None, "n": 0}
-    rng = random.Random(seed)
-    medians = sorted(median([rng.choice(values) for _ in values]) for _ in range(samples))
-    lo = medians[int(math.floor((1 - level) / 2 * samples))]
-    hi = medians[min(samples - 1, int(math.ceil((1 + level) / 2 * samples)) - 1)]
+    lo, hi = _bootstrap_interval(values, median, samples, level, seed)
     return {"median": median(values), "low": lo, "high": hi, "n": len(values)}
 
 
@@ -129,11 +139,8 @@ def bootstrap_mean(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, le
     values = list(values)
     if not values:
         return {"mean": None, "low": None, "high": None, "n": 0}
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(values) for _ in values) / len(values) for _ in range(samples))
-    lo = means[int(math.floor((1 - level) / 2 * samples))]
-    hi = means[min(samples - 1, int(math.ceil((1 + level) / 2 * samples)) - 1)]
-    return {"mean": sum(values) / len(values), "low": lo, "high": hi, "n": len(values)}
+    lo, hi = _bootstrap_interval(values, _mean, samples, level, seed)
+    return {"mean": _mean(values), "low": lo, "high": hi, "n": len(values)}
 
 
 def paired_difference(areas: Sequence[float], reference: Sequence[float]) -> dict:
