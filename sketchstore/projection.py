@@ -54,10 +54,13 @@ hidden 64, k = 1024), while on plain gradients both sit at the dense Gaussian's
 example per call), 3x the 5e8 target, so the honest design costs little.
 
 Memory: the bucket codes of each hash block are kept in an LRU cache bounded by
-``cache_bytes`` (default 2 GiB, or ``$SKETCHSTORE_PROJECTION_CACHE_BYTES``); at 2 bytes
-per kept coordinate a 1B-parameter model at keep_ratio 1 needs 2 GB to stay fully
-cached (kept-coordinate positions add 4 bytes per kept coordinate when keep_ratio <
-1). A miss regenerates the block (~4 ms per 2**20 coordinates). Temporary memory: each
+``cache_bytes`` (default 128 MiB, or ``$SKETCHSTORE_PROJECTION_CACHE_BYTES``); at 2 bytes
+per kept coordinate that keeps models of up to ~64M parameters fully cached (kept-coordinate
+positions add 4 bytes per kept coordinate when keep_ratio < 1). A miss regenerates the block
+(~4 ms per 2**20 coordinates). Larger models are not worth caching: for SmolLM2-135M the codes
+would be 0.25 GiB (half the fp32 model) while regenerating them is a few percent of a row's
+forward/backward (benchmarks/README.md, real_model.py: 0.176 rows/s uncached vs 0.146 cached
+on one busy thread, peak RSS 2.07 vs 2.35 GiB). Temporary memory: each
 projector thread keeps a reusable scratch of at most 32 MB (float32 values for the cast
 or gather, int64 bucket codes and positions; ~4-8 MB at B = 8), plus one (rows, 2k)
 float32 accumulator per hash block in flight; batches of more than 64 rows are processed in groups of 64.
@@ -115,7 +118,7 @@ _CHUNK = 1 << 20
 _CHUNK_VALUES = 1 << 22
 #: Largest number of example rows processed at once (bounds temporary memory).
 _MAX_ROWS = 64
-_DEFAULT_CACHE_BYTES = 2 << 30
+_DEFAULT_CACHE_BYTES = 128 << 20
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -349,7 +352,7 @@ class SparseProjector(Projector):
     """CountSketch with seeded random buckets and signs (see the module docstring).
 
     cache_bytes: bound of the in-memory LRU cache of per-block bucket codes (default
-    ``$SKETCHSTORE_PROJECTION_CACHE_BYTES`` or 2 GiB; 0 disables caching).
+    ``$SKETCHSTORE_PROJECTION_CACHE_BYTES`` or 128 MiB; 0 disables caching).
     num_threads: worker threads (default ``torch.get_num_threads()`` at construction);
     each runs torch ops single-threaded. Results do not depend on it.
     """

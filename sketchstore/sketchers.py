@@ -15,6 +15,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from .gradients import squared_norm
 from .objectives import Objective
 from .projection import make_projector
 from .spec import ProjectionSpec
@@ -96,7 +97,7 @@ class GradientSketcher:
         def hook(param: torch.Tensor) -> None:
             grad = param.grad.detach().float().unsqueeze(0)
             param.grad = None
-            self._squares[name] = (grad.double() ** 2).sum()
+            self._squares[name] = squared_norm(grad)
             self._contribs[name] = self.projector.project_param(name, grad)
         return hook
 
