@@ -71,10 +71,13 @@ def parameter_shapes(params: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[s
 
 
 def model_fingerprint(params: Iterable[tuple[str, nn.Parameter]]) -> str:
-    """Hash of the selected parameters' names and values: tells two checkpoints apart."""
+    """Hash of the selected parameters' names and values (and dtype, unless float32): tells two
+    checkpoints, or one checkpoint loaded in two compute dtypes, apart."""
     digest = hashlib.sha256()
     for name, param in sorted(params, key=lambda item: item[0]):
         digest.update(name.encode())
+        if param.dtype != torch.float32:
+            digest.update(str(param.dtype).encode())
         digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 

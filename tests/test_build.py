@@ -97,6 +97,37 @@ def test_mismatches_are_refused_and_store_kept(tiny_model, other_tiny_model, sft
     assert SketchStore.open(tmp_path / "s").manifest(checkpoint="c0").num_rows == before
 
 
+def test_bfloat16_builds_close_sketches_and_never_mixes_with_float32(tiny_model, sft_data, tmp_path):
+    train, _ = sft_data
+    factored = ProjectionSpec(dim=DIM, seed=1, mode="factored")
+    build_sketches(config(tiny_model, train, tmp_path / "f32", spec=factored), progress=False)
+    build_sketches(config(tiny_model, train, tmp_path / "bf16", spec=factored, compute_dtype="bfloat16"), progress=False)
+    ids, a = SketchStore.open(tmp_path / "f32").read("c0", "train")
+    _, b = SketchStore.open(tmp_path / "bf16").read("c0", "train", ids=ids)
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+    assert not torch.equal(a, b) and cos.min() > 0.95  # bf16 arithmetic, the same gradients
+    before = SketchStore.open(tmp_path / "f32").read("c0", "train", ids=ids)[1]
+    with pytest.raises(SpecMismatchError, match="another --compute-dtype"):  # same weights, other dtype
+        build_sketches(config(tiny_model, train, tmp_path / "f32", spec=factored, split="val",
+                              compute_dtype="bfloat16"), progress=False)
+    assert torch.equal(SketchStore.open(tmp_path / "f32").read("c0", "train", ids=ids)[1], before)
+    with pytest.raises(BadInputError, match="unknown compute dtype 'float16'"):
+        config(tiny_model, train, tmp_path / "x", compute_dtype="float16")
+
+
+def test_auto_batch_size_bounds_logits_per_pass(tiny_model, sft_data, tmp_path):
+    from sketchstore.build import AUTO_BATCH_LOGITS, MAX_AUTO_BATCH, rows_per_pass
+
+    train, _ = sft_data
+    model, _ = load_model(tiny_model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    short = config(tiny_model, train, tmp_path / "s", batch_size=0, max_length=16)
+    assert rows_per_pass(short, model) == min(MAX_AUTO_BATCH, AUTO_BATCH_LOGITS // (vocab * 16))
+    huge = config(tiny_model, train, tmp_path / "s", batch_size=0, max_length=AUTO_BATCH_LOGITS // vocab + 1)
+    assert rows_per_pass(huge, model) == 1
+    assert rows_per_pass(config(tiny_model, train, tmp_path / "s", batch_size=3), model) == 3
+
+
 def test_write_rows_keeps_every_column_and_nothing_half_written(tmp_path):
     rows = [{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "q", "level": 3}]
     path = write_rows(rows, tmp_path / "rows.parquet")
