@@ -6,8 +6,10 @@ reference. Bergson runs in its own virtual environment (created here on first us
 ``pip install --no-deps bergson==2.5.1`` and the runtime dependencies below, one by one).
 
 Per model (cropi.tiny_model sizes: ``tiny`` = 2 layers h64, ``small`` = 4 layers h256, both
-tied-embedding Qwen2), on ``--rows`` train rows and ``--val-rows`` validation rows
-(cropi.tasks word problems with their reference responses):
+tied-embedding Qwen2; ``smollm2`` = SmolLM2-135M-Instruct from ``.cache/models``, 30 layers
+h576, on ``--smollm2-rows`` / ``--smollm2-val-rows`` rows so that a run takes minutes), on
+``--rows`` train rows and ``--val-rows`` validation rows (cropi.tasks word problems with their
+reference responses):
 
   exact          per-row gradients, unprojected (each tool's own objective: ours averages the
                  response's tokens incl. the end-of-turn tokens of the chat template, Bergson
@@ -29,6 +31,7 @@ Every configuration runs ``--repeats`` times, alternating tools; medians are rep
 
     .venv/bin/python benchmarks/vs_bergson.py                 # both models, 3 repeats
     .venv/bin/python benchmarks/vs_bergson.py --quick         # smoke run
+    .venv/bin/python benchmarks/vs_bergson.py --models small,smollm2
 
 Ends with one JSON line; ``--plot`` writes the fidelity-vs-speed figure.
 """
@@ -56,6 +59,13 @@ BERGSON_PIN = "bergson==2.5.1"
 BERGSON_DEPS = ("transformers==5.19.0", "datasets", "accelerate", "peft", "simple-parsing", "jaxtyping",
                 "natsort", "ml_dtypes", "scipy", "pyyaml", "jinja2", "psutil", "petname", "torchopt")
 MODELS = ("tiny", "small")
+#: The real model option (not built: a local Hugging Face checkpoint).
+SMOLLM2 = "smollm2"
+SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+#: Our rows per forward/backward per model (SmolLM2's 49k-vocabulary logits make large passes slow).
+OUR_BATCH = {"tiny": 32, "small": 32, SMOLLM2: 8}
+#: Our configurations not run per model (sparse needs each row's full 135M gradient: minutes per run).
+SKIP = {SMOLLM2: ("sparse",)}
 DIM = 8192
 TOP_FRACTION = 0.1
 #: Glob of the linear weights (what Bergson tracks): our "linear layers only" runs.
@@ -73,7 +83,7 @@ OURS = {
        for side in (32, 64, 256)},
 }
 #: Bergson's projection_dim sweep per model; the first is the headline (p * p * modules ~ DIM).
-BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34)}
+BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34), SMOLLM2: (6, 3, 12)}
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -246,6 +256,7 @@ def child_ours(args) -> dict:
     out = {}
     for label in args.configs.split(","):
         spec_fields, build_fields = OURS[label]
+        build_fields = {**build_fields, "batch_size": build_fields["batch_size"] if args.batch is None else int(args.batch)}
         got = {}
         for split in ("val", "train"):
             store = work / f"ours-{label}-{split}"
@@ -341,7 +352,7 @@ def prepare(work: Path, size: str, rows: int, val_rows: int) -> tuple[Path, Path
     from cropi.tiny_model import build_tiny_model
     from sketchstore.data import write_rows
 
-    model = build_tiny_model(work / f"model-{size}", size=size, seed=0)
+    model = SMOLLM2_DIR if size == SMOLLM2 else build_tiny_model(work / f"model-{size}", size=size, seed=0)
     train = write_rows(generate_tasks(rows, seed=1), work / "train.jsonl")
     val = write_rows(generate_tasks(val_rows, seed=2), work / "val.jsonl")
     return model, Path(train), Path(val)
@@ -350,15 +361,18 @@ def prepare(work: Path, size: str, rows: int, val_rows: int) -> tuple[Path, Path
 def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
     work = root / size
     work.mkdir(parents=True, exist_ok=True)
+    if size == SMOLLM2:
+        args = argparse.Namespace(**{**vars(args), "rows": args.smollm2_rows, "val_rows": args.smollm2_val_rows})
     model, train, val = prepare(work, size, args.rows, args.val_rows)
     paths = dict(model=model, train=train, val=val, work=work)
     ps = BERGSON_P[size]
-    configs = [c for c in args.ours.split(",") if c]
+    configs = [c for c in args.ours.split(",") if c and c not in SKIP.get(size, ())]
     exact = run_child(Path(sys.executable), args, "exact", **paths)
-    ours_runs, bergson_runs, walls = [], [], {"bergson": [], "ours_factored": []}
+    ours_runs, bergson_runs, walls = [], [], {"bergson": [], "ours_factored_sketch_norms": []}
     for rep in range(args.repeats):
         bergson_runs.append(run_child(bergson_py, args, "bergson", ps=",".join(map(str, ps)), **paths))
-        ours_runs.append(run_child(Path(sys.executable), args, "ours", configs=",".join(configs), **paths))
+        ours_runs.append(run_child(Path(sys.executable), args, "ours", configs=",".join(configs), batch=OUR_BATCH[size],
+                                   **paths))
         run = work / "wall-bergson"
         walls["bergson"].append(timed_command(
             [str(bergson_py.parent / "bergson"), "build", str(run), "--model", str(model), "--dataset", str(train),
@@ -367,13 +381,13 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
              "--overwrite"], args.threads))
         store = work / "wall-ours"
         shutil.rmtree(store, ignore_errors=True)
-        walls["ours_factored"].append(timed_command(
+        walls["ours_factored_sketch_norms"].append(timed_command(
             [str(Path(sys.executable).parent / "sketch"), "build", "--model", str(model), "--data", str(train),
              "--store", str(store), "--checkpoint", "c", "--split", "train", "--dim", str(args.dim),
-             "--projection", "factored", "--batch-size", "32"], args.threads))
+             "--projection", "factored", "--norms", "sketch", "--batch-size", str(OUR_BATCH[size])], args.threads))
         print(f"[{size}] repeat {rep + 1}/{args.repeats} done", flush=True)
     bergson_exact = run_child(bergson_py, args, "bergson_exact", index=work / f"bergson-p{ps[0]}-train", **paths)
-    result = {"params_all": exact["n_params"]["all"], "params_linear": exact["n_params"]["linear"],
+    result = {"rows": args.rows, "val_rows": args.val_rows, "params_all": exact["n_params"]["all"], "params_linear": exact["n_params"]["linear"],
               "params_bergson": bergson_exact["n_params"], "methods": {}}
     for p in ps:
         key = f"p{p}"
@@ -410,7 +424,8 @@ def plot(summary: dict, out: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("rows/s (build compute, per CPU second, 1 thread)")
         ax.set_ylabel("Spearman of influence scores vs exact")
-        ax.set_title(f"{size} Qwen2 ({res['params_all'] / 1e6:.1f}M params), k = {summary['dim']}")
+        name = "SmolLM2-135M" if size == SMOLLM2 else f"{size} Qwen2"
+        ax.set_title(f"{name} ({res['params_all'] / 1e6:.1f}M params, {res['rows']} rows), k = {summary['dim']}")
         ax.legend(loc="lower left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +437,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--rows", type=int, default=256, help="train rows")
     parser.add_argument("--val-rows", type=int, default=32)
+    parser.add_argument("--smollm2-rows", type=int, default=64, help="train rows of the smollm2 model")
+    parser.add_argument("--smollm2-val-rows", type=int, default=8)
     parser.add_argument("--dim", type=int, default=DIM)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -431,7 +448,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="write the fidelity-vs-speed figure here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few rows, one repeat")
-    for hidden in ("child", "model", "train", "val", "ps", "configs", "index"):
+    for hidden in ("child", "model", "train", "val", "ps", "configs", "index", "batch"):
         parser.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

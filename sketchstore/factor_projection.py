@@ -2,7 +2,11 @@
 factors P_row (k_r x m) and P_col (k_c x n) that shrink its gradient G to the block
 P_row G P_col^T, then one sparse projection of all blocks and vectors to the sketch length.
 
-Each factor is seeded by the spec's seed, the parameter's name, its side and sizes, so a
+Each factor is seeded by the spec's seed, its side and sizes and, per ``spec.factor_version``:
+the parameter's name (version 1, stores written before the field), or for the column factor
+of version 2 the parent module's name instead (``model.layers.3.self_attn`` for
+``model.layers.3.self_attn.q_proj.weight``), so sibling layers of one input width share P_col
+and an input they share (q/k/v, gate/up) is projected once per pass (factored_stream.py). A
 sketch does not depend on which other parameters are selected, nor on the batch.
 """
 
@@ -43,20 +47,28 @@ class FactorProjection:
         self.device = device
         self.final = SparseProjector(ProjectionSpec(dim=spec.dim, seed=stable_seed(spec.seed, "factored", "final"),
                                                     mode="sparse"))
-        self._codes: dict[tuple[str, str], torch.Tensor | None] = {}
+        self._codes: dict[tuple, torch.Tensor | None] = {}
+
+    def seed_name(self, name: str, side: str) -> str:
+        """The name a factor is seeded from: the parameter's, or (version 2, column side) its
+        parent module's, e.g. ``model.layers.0.mlp`` for ``model.layers.0.mlp.up_proj.weight``."""
+        if side == "col" and self.spec.factor_version >= 2:
+            return name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+        return name
 
     def codes(self, name: str, side: str) -> torch.Tensor | None:
         """CountSketch codes ``h + k * [sign < 0]`` (int64, one per row (side "row") or column
-        ("col") of matrix ``name``) of its factor, or None when that side is not projected."""
-        key = (name, side)
+        ("col") of matrix ``name``) of its factor, or None when that side is not projected; one
+        tensor per seed (matrices sharing a factor get the same object)."""
+        m, n = self.shapes[name]
+        k_r, k_c = self.block_shape(name)
+        size, k = (m, k_r) if side == "row" else (n, k_c)
+        key = (self.seed_name(name, side), side, size, k)
         if key not in self._codes:
-            m, n = self.shapes[name]
-            k_r, k_c = self.block_shape(name)
-            size, k = (m, k_r) if side == "row" else (n, k_c)
             if k >= size:
                 self._codes[key] = None
             else:
-                gen = torch.Generator().manual_seed(stable_seed(self.spec.seed, "factored", name, side, size, k))
+                gen = torch.Generator().manual_seed(stable_seed(self.spec.seed, "factored", *key))
                 self._codes[key] = torch.randint(0, 2 * k, (size,), generator=gen).to(self.device)
         return self._codes[key]
 

@@ -29,7 +29,10 @@ The sketch of a row, with ``spec.mode == "factored"`` (keep_ratio must be 1):
    and cost more: benchmarks/vs_bergson.py measures the curve. P_row and P_col are CountSketch matrices (one
    +-1 per column: bucket and sign per coordinate), applied with one ``index_add_`` in
    O(m + n) per token, seeded from ``stable_seed(spec.seed, "factored", name, "row"|"col",
-   size, k)``: nothing to save, identical in every process.
+   size, k)``: nothing to save, identical in every process. With ``spec.factor_version`` 2 (the
+   default; 1 = stores from before the field) the column factor is seeded from the parent
+   module's name instead (factor_projection.py), so modules reading one input (q/k/v, gate/up)
+   share P_col and the streaming path projects that input once per pass.
 2. Small vector parameters (biases, RMSNorm/LayerNorm weights) keep their *exact* per-row
    gradient: bias -> sum_t g_t, norm weight w (out = w * z) -> sum_t g_t * z_t, with z the
    normalised input recomputed from the hooked input (checked once per module against the
@@ -242,6 +245,7 @@ class FactoredSketcher:
         self.input_embedding = model.get_input_embeddings()
         self.projection = FactorProjection(spec, self.shapes, self.matrices, self._device())
         self._layout = None
+        self._pool: dict[str, torch.Tensor] = {}  # sketch_batch's reusable block accumulators (norms "sketch")
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -319,7 +323,7 @@ class FactoredSketcher:
         def add(name: str, value: torch.Tensor) -> None:  # called in sorted-name order
             sketches.add_(self.projection.final.project({name: value}))
 
-        sq_norms, losses = self._run(batch, add)
+        sq_norms, losses = self._run(batch, add, self._pool)
         sketches = sketches.cpu()
         norms = sketches.norm(dim=1) if sq_norms is None else sq_norms.clamp_min(0).sqrt()
         return SketchedRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
@@ -332,11 +336,12 @@ class FactoredSketcher:
         sq_norms, losses = self._run(batch, out.__setitem__)
         return out, sq_norms, losses
 
-    def _run(self, batch: SequenceBatch,
-             emit: Callable[[str, torch.Tensor], object]) -> tuple[torch.Tensor | None, list[float]]:
+    def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object],
+             pool: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, list[float]]:
         """Run the batch; ``emit(name, block or vector)`` for every selected parameter in sorted
         name order (blocks are (R, k_r, k_c), vectors (R, m)); returns ((R,) float64 squared
-        exact gradient norms or None (norms ``sketch``), per-row losses).
+        exact gradient norms or None (norms ``sketch``), per-row losses). ``pool``: reusable
+        accumulators for the streaming path (emitted blocks are then only valid during ``emit``).
 
         The batch's sequences run in a few passes (one forward + one backward each) of similar
         lengths, so little compute goes to padding (see :func:`plan_passes`); hooks write each
@@ -354,7 +359,7 @@ class FactoredSketcher:
         lengths = torch.tensor([len(q) for q in batch.sequences], dtype=torch.long)
         if self.norms == "sketch":  # no exact norms: blocks accumulate during backward (factored_stream.py)
             with _frozen(self.model), torch.enable_grad():
-                return None, stream_batch(self, batch, plan_passes(lengths.tolist()), emit)
+                return None, stream_batch(self, batch, plan_passes(lengths.tolist()), emit, pool)
         offsets = (torch.cumsum(lengths, 0) - lengths).to(device)  # row order = sequence order
         tok_row = torch.repeat_interleave(seq_rows, lengths).to(device)
         counts = torch.bincount(seq_rows, weights=lengths.double(), minlength=R).long().tolist()

@@ -26,6 +26,10 @@ DEFAULT_KEEP_RATIO = 1.0
 FACTOR_SIDE_MULTIPLIER = 2
 #: Block side of factored stores written before the spec had ``factor_side`` (their rule: 2**ceil(log2(sqrt(8 dim)))).
 LEGACY_FACTOR_SIDE_MULTIPLIER = 8
+#: How factored sketches seed their factors (factor_projection.py): 2 = column factors per parent module and input
+#: width (shared by q/k/v, gate/up); 1 = every factor per parameter name (stores written before ``factor_version``).
+FACTOR_VERSION = 2
+LEGACY_FACTOR_VERSION = 1
 
 
 def param_spec_hash(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> str:
@@ -55,6 +59,8 @@ class ProjectionSpec:
     dtype: storage dtype of sketches (they are always accumulated in float32).
     factor_side: factored mode only (0 otherwise): the largest side of a weight matrix's
     intermediate block (0 = the default for ``dim``, :func:`default_factor_side`).
+    factor_version: factored mode only (0 otherwise): how its factors are seeded (0 = the current
+    FACTOR_VERSION; stores from before the field read as LEGACY_FACTOR_VERSION).
     param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
     """
 
@@ -66,6 +72,8 @@ class ProjectionSpec:
     dtype: str = option("float16", "Storage dtype of sketches.", choices=STORAGE_DTYPES)
     factor_side: int = option(0, "Factored mode: largest side of each weight matrix's intermediate block, a power of "
                                  "two (0: the default for --dim; larger is more faithful and slower).")
+    factor_version: int = option(0, "Factored mode: how factors are seeded (0: the current version, "
+                                    f"{FACTOR_VERSION}; stores keep theirs).")
     param_hash: str = option("", "Hash of the parameter names and shapes (filled in by a build).")
 
     def __post_init__(self) -> None:
@@ -86,6 +94,13 @@ class ProjectionSpec:
             raise BadInputError(f"factor side {side} applies to --projection factored only, not {self.mode}")
         if self.mode == "factored" and not side:
             object.__setattr__(self, "factor_side", default_factor_side(self.dim))
+        version = self.factor_version
+        if not isinstance(version, int) or not 0 <= version <= FACTOR_VERSION:
+            raise BadInputError(f"factor version must be 0..{FACTOR_VERSION}, got {version!r}")
+        if self.mode != "factored" and version:
+            raise BadInputError(f"factor version {version} applies to --projection factored only, not {self.mode}")
+        if self.mode == "factored" and not version:
+            object.__setattr__(self, "factor_version", FACTOR_VERSION)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +111,8 @@ class ProjectionSpec:
         data = {k: v for k, v in data.items() if k in known}
         if data.get("mode") == "factored" and "factor_side" not in data:  # a store from before factor_side
             data["factor_side"] = power_of_two_above(LEGACY_FACTOR_SIDE_MULTIPLIER * int(data.get("dim", DEFAULT_DIM)))
+        if data.get("mode") == "factored" and "factor_version" not in data:  # a store from before factor_version
+            data["factor_version"] = LEGACY_FACTOR_VERSION
         return cls(**data)
 
     def check_compatible(self, other: "ProjectionSpec", what: str = "sketches") -> None:

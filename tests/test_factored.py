@@ -5,6 +5,8 @@ POPI (cropi's objective) are in test_factored_popi.py, which calls the ``check_*
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -296,3 +298,45 @@ def test_build_and_cli_record_the_norm_kind(tiny_model, sft_data, tmp_path):
     assert torch.allclose(x, y, atol=1e-5)
     result = CliRunner().invoke(main, common[:-3] + ["--store", str(tmp_path / "s"), "--norms", "sketch", "--quiet"])
     assert result.exit_code != 0 and "--norms sketch needs --projection factored" in result.output
+
+
+def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(model_tok, tiny_model, sft_data,
+                                                                               sft_rows, tmp_path):
+    model, tok = model_tok
+    assert ProjectionSpec(dim=512, mode="factored").factor_version == 2 and ProjectionSpec(dim=512).factor_version == 0
+    legacy = ProjectionSpec(dim=512, mode="factored").to_dict()
+    del legacy["factor_version"]  # a factored store written before the field: every factor seeded by its name
+    assert ProjectionSpec.from_dict(legacy).factor_version == 1
+    with pytest.raises(BadInputError, match="factored only"):
+        ProjectionSpec(factor_version=1)
+    params = select_parameters(model, ["model.layers.0.self_attn.*", "model.layers.0.mlp.*"])
+    q, k, gate = (f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"))
+    spec = ProjectionSpec(dim=512, mode="factored", factor_side=32)
+    new, old = (FactoredSketcher(model, params, replace(spec, factor_version=v)).projection for v in (2, 1))
+    assert new.codes(q, "col") is new.codes(k, "col") and new.codes(q, "row") is not new.codes(k, "row")
+    assert not torch.equal(new.codes(q, "col"), new.codes(gate, "col"))  # another parent module
+    assert not torch.equal(old.codes(q, "col"), old.codes(k, "col"))  # version 1: per parameter name
+    # shared factors stay unbiased Kronecker projections; the streaming path projects a shared input once
+    sketcher = FactoredSketcher(model, params, spec, norms="sketch")
+    grads, _ = exact(model, SFTObjective(tok), sft_rows, params)
+    blocks, _, _ = sketcher.blocks(SFTObjective(tok).batch(sft_rows))
+    expected = kronecker(sketcher, grads)
+    for name in expected:
+        assert close(blocks[name], expected[name]), name
+    common = dict(model=tiny_model, data=sft_data[1], store=tmp_path / "s", checkpoint="c0", split="val")
+    build_sketches(BuildConfig(spec=replace(spec, factor_version=1), **common), progress=False)
+    with pytest.raises(SpecMismatchError, match="factor_version 2 != store 1"):
+        build_sketches(BuildConfig(spec=spec, **common), progress=False)
+
+
+def test_streaming_reuses_its_buffers_across_batches(model_tok, sft_rows):
+    model, tok = model_tok
+    objective = SFTObjective(tok)
+    spec = ProjectionSpec(dim=1024, seed=2, mode="factored")
+    sketcher = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
+    first = sketcher.sketch_batch(objective.batch(sft_rows)).sketches
+    few = sketcher.sketch_batch(objective.batch(sft_rows[:2])).sketches  # fewer rows: a view of the same buffers
+    again = sketcher.sketch_batch(objective.batch(sft_rows)).sketches
+    fresh = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
+    assert torch.equal(first, again) and close(few, first[:2], rtol=1e-5)
+    assert torch.equal(fresh.sketch_batch(objective.batch(sft_rows)).sketches, first)
