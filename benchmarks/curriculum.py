@@ -72,6 +72,9 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads of the engine and the trainer [default: every core]; "
+                             "two studies at 1 thread each share 2 cores better than one at 2")
     args = parser.parse_args()
     start = time.perf_counter()
     demo = replace(defaults, device=args.device, **{name: getattr(args, name) for name in DEMO_FIELDS})
@@ -87,7 +90,7 @@ def main() -> None:
         return comparison_base(demo, model, setting, seed, out)
 
     probe = base_for(args.settings[0], args.seeds[0], args.out / args.settings[0] / f"seed{args.seeds[0]}")
-    engine = start_engine(replace(probe.train, threads=os.cpu_count()))  # one engine serves every arm
+    engine = start_engine(replace(probe.train, threads=args.threads))  # one engine serves every arm
     try:
         result = run_study(args.out, args.settings, args.seeds, args.strategies, base_for, variants=variants,
                            metric=demo.metric, engine=engine)

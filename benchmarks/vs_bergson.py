@@ -73,7 +73,8 @@ LINEAR_GLOB = "model.layers.*proj.weight"
 #: Our configurations: label -> (ProjectionSpec fields, BuildConfig fields). "factored" is the
 #: default spec (block side 128 at k = 8192) with the default exact norms; "_sketch_norms" the
 #: same sketches with ``--norms sketch`` (blocks accumulated during backward); factored_sideS
-#: sweeps the block side (256 = the rule before factor_side existed).
+#: sweeps the block side (256 = the rule before factor_side existed); factored_vV seeds the
+#: factors by spec factor_version V (1: per parameter; 2: column factors shared per module).
 OURS = {
     "factored": ({"mode": "factored"}, {"batch_size": 32}),
     "factored_sketch_norms": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch"}),
@@ -81,6 +82,8 @@ OURS = {
     "sparse": ({"mode": "sparse"}, {"batch_size": 8}),
     **{f"factored_side{side}": ({"mode": "factored", "factor_side": side}, {"batch_size": 32, "norms": "sketch"})
        for side in (32, 64, 256)},
+    **{f"factored_v{v}": ({"mode": "factored", "factor_version": v}, {"batch_size": 32, "norms": "sketch"})
+       for v in (1, 2)},
 }
 #: Bergson's projection_dim sweep per model; the first is the headline (p * p * modules ~ DIM).
 BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34), SMOLLM2: (6, 3, 12)}

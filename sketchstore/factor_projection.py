@@ -3,8 +3,8 @@ factors P_row (k_r x m) and P_col (k_c x n) that shrink its gradient G to the bl
 P_row G P_col^T, then one sparse projection of all blocks and vectors to the sketch length.
 
 Each factor is seeded by the spec's seed, its side and sizes and, per ``spec.factor_version``:
-the parameter's name (version 1, stores written before the field), or for the column factor
-of version 2 the parent module's name instead (``model.layers.3.self_attn`` for
+the parameter's name (version 1, the default and what stores written before the field used), or
+for the column factor of version 2 the parent module's name instead (``model.layers.3.self_attn`` for
 ``model.layers.3.self_attn.q_proj.weight``), so sibling layers of one input width share P_col
 and an input they share (q/k/v, gate/up) is projected once per pass (factored_stream.py). A
 sketch does not depend on which other parameters are selected, nor on the batch.

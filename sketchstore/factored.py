@@ -29,10 +29,11 @@ The sketch of a row, with ``spec.mode == "factored"`` (keep_ratio must be 1):
    and cost more: benchmarks/vs_bergson.py measures the curve. P_row and P_col are CountSketch matrices (one
    +-1 per column: bucket and sign per coordinate), applied with one ``index_add_`` in
    O(m + n) per token, seeded from ``stable_seed(spec.seed, "factored", name, "row"|"col",
-   size, k)``: nothing to save, identical in every process. With ``spec.factor_version`` 2 (the
-   default; 1 = stores from before the field) the column factor is seeded from the parent
-   module's name instead (factor_projection.py), so modules reading one input (q/k/v, gate/up)
-   share P_col and the streaming path projects that input once per pass.
+   size, k)``: nothing to save, identical in every process. With ``spec.factor_version`` 2 (an
+   option; 1, the default, is also what stores from before the field used) the column factor is
+   seeded from the parent module's name instead (factor_projection.py), so modules reading one
+   input (q/k/v, gate/up) share P_col and the streaming path projects that input once per pass:
+   faster, with correlated errors (lower fidelity, measured in benchmarks/README.md).
 2. Small vector parameters (biases, RMSNorm/LayerNorm weights) keep their *exact* per-row
    gradient: bias -> sum_t g_t, norm weight w (out = w * z) -> sum_t g_t * z_t, with z the
    normalised input recomputed from the hooked input (checked once per module against the

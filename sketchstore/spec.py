@@ -26,9 +26,13 @@ DEFAULT_KEEP_RATIO = 1.0
 FACTOR_SIDE_MULTIPLIER = 2
 #: Block side of factored stores written before the spec had ``factor_side`` (their rule: 2**ceil(log2(sqrt(8 dim)))).
 LEGACY_FACTOR_SIDE_MULTIPLIER = 8
-#: How factored sketches seed their factors (factor_projection.py): 2 = column factors per parent module and input
-#: width (shared by q/k/v, gate/up); 1 = every factor per parameter name (stores written before ``factor_version``).
-FACTOR_VERSION = 2
+#: How factored sketches seed their factors (factor_projection.py): 1 = every factor per parameter name; 2 = column
+#: factors per parent module and input width, shared by q/k/v and gate/up, whose input is then projected once per
+#: pass. Measured side by side (4-layer model, benchmarks/README.md): 2 is ~7% faster but its errors correlate
+#: (Spearman vs exact 0.983 against 0.990), so 1 is the default and 2 an option.
+FACTOR_VERSIONS = (1, 2)
+DEFAULT_FACTOR_VERSION = 1
+#: Version of factored stores written before the spec had ``factor_version``.
 LEGACY_FACTOR_VERSION = 1
 
 
@@ -59,8 +63,8 @@ class ProjectionSpec:
     dtype: storage dtype of sketches (they are always accumulated in float32).
     factor_side: factored mode only (0 otherwise): the largest side of a weight matrix's
     intermediate block (0 = the default for ``dim``, :func:`default_factor_side`).
-    factor_version: factored mode only (0 otherwise): how its factors are seeded (0 = the current
-    FACTOR_VERSION; stores from before the field read as LEGACY_FACTOR_VERSION).
+    factor_version: factored mode only (0 otherwise): how its factors are seeded, one of
+    FACTOR_VERSIONS (0 = DEFAULT_FACTOR_VERSION; stores from before the field read as LEGACY_FACTOR_VERSION).
     param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
     """
 
@@ -72,8 +76,8 @@ class ProjectionSpec:
     dtype: str = option("float16", "Storage dtype of sketches.", choices=STORAGE_DTYPES)
     factor_side: int = option(0, "Factored mode: largest side of each weight matrix's intermediate block, a power of "
                                  "two (0: the default for --dim; larger is more faithful and slower).")
-    factor_version: int = option(0, "Factored mode: how factors are seeded (0: the current version, "
-                                    f"{FACTOR_VERSION}; stores keep theirs).")
+    factor_version: int = option(0, f"Factored mode: how factors are seeded (0: {DEFAULT_FACTOR_VERSION}, per "
+                                    "parameter; 2: column factors shared per module, faster and less faithful).")
     param_hash: str = option("", "Hash of the parameter names and shapes (filled in by a build).")
 
     def __post_init__(self) -> None:
@@ -95,12 +99,12 @@ class ProjectionSpec:
         if self.mode == "factored" and not side:
             object.__setattr__(self, "factor_side", default_factor_side(self.dim))
         version = self.factor_version
-        if not isinstance(version, int) or not 0 <= version <= FACTOR_VERSION:
-            raise BadInputError(f"factor version must be 0..{FACTOR_VERSION}, got {version!r}")
+        if not isinstance(version, int) or version not in (0, *FACTOR_VERSIONS):
+            raise BadInputError(f"factor version must be 0 or one of {FACTOR_VERSIONS}, got {version!r}")
         if self.mode != "factored" and version:
             raise BadInputError(f"factor version {version} applies to --projection factored only, not {self.mode}")
         if self.mode == "factored" and not version:
-            object.__setattr__(self, "factor_version", FACTOR_VERSION)
+            object.__setattr__(self, "factor_version", DEFAULT_FACTOR_VERSION)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -303,7 +303,9 @@ def test_build_and_cli_record_the_norm_kind(tiny_model, sft_data, tmp_path):
 def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(model_tok, tiny_model, sft_data,
                                                                                sft_rows, tmp_path):
     model, tok = model_tok
-    assert ProjectionSpec(dim=512, mode="factored").factor_version == 2 and ProjectionSpec(dim=512).factor_version == 0
+    assert ProjectionSpec(dim=512, mode="factored").factor_version == 1 and ProjectionSpec(dim=512).factor_version == 0
+    with pytest.raises(BadInputError, match="factor version must be 0 or one of"):
+        ProjectionSpec(dim=512, mode="factored", factor_version=3)
     legacy = ProjectionSpec(dim=512, mode="factored").to_dict()
     del legacy["factor_version"]  # a factored store written before the field: every factor seeded by its name
     assert ProjectionSpec.from_dict(legacy).factor_version == 1
@@ -317,15 +319,15 @@ def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(m
     assert not torch.equal(new.codes(q, "col"), new.codes(gate, "col"))  # another parent module
     assert not torch.equal(old.codes(q, "col"), old.codes(k, "col"))  # version 1: per parameter name
     # shared factors stay unbiased Kronecker projections; the streaming path projects a shared input once
-    sketcher = FactoredSketcher(model, params, spec, norms="sketch")
+    sketcher = FactoredSketcher(model, params, replace(spec, factor_version=2), norms="sketch")
     grads, _ = exact(model, SFTObjective(tok), sft_rows, params)
     blocks, _, _ = sketcher.blocks(SFTObjective(tok).batch(sft_rows))
     expected = kronecker(sketcher, grads)
     for name in expected:
         assert close(blocks[name], expected[name]), name
     common = dict(model=tiny_model, data=sft_data[1], store=tmp_path / "s", checkpoint="c0", split="val")
-    build_sketches(BuildConfig(spec=replace(spec, factor_version=1), **common), progress=False)
-    with pytest.raises(SpecMismatchError, match="factor_version 2 != store 1"):
+    build_sketches(BuildConfig(spec=replace(spec, factor_version=2), **common), progress=False)
+    with pytest.raises(SpecMismatchError, match="factor_version 1 != store 2"):
         build_sketches(BuildConfig(spec=spec, **common), progress=False)
 
 
