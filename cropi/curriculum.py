@@ -37,7 +37,7 @@ from sketchstore.options import option
 from sketchstore.selection import FUSIONS
 
 from .checks import check_choice, check_int
-from .errors import BadConfigError
+from .errors import BadConfigError, NoValidationSignalError
 from .influence import POOL_SPLIT, describe_influence, pass_rates, sketch_and_score, stored_selection
 from .rollout import RolloutConfig, run_rollouts
 from .run_dir import CKPT_DIR
@@ -160,11 +160,16 @@ class Curriculum:
     def influence_selection(self, stage: int, checkpoint: Path, trajectories: dict[str, Path]) -> list[str]:
         c = self.config
         store, name = self.out / "store", f"stage{stage}"
-        sketch_and_score(store, name, checkpoint, trajectories, c.spec, c.train.device,
-                         log=lambda line: self.log(f"stage {stage}: {line}"))
+        try:
+            vals = sketch_and_score(store, name, checkpoint, trajectories, c.spec, c.train.device,
+                                    log=lambda line: self.log(f"stage {stage}: {line}"))
+        except NoValidationSignalError as err:
+            if stage == 0:
+                raise
+            self.log(f"stage {stage}: {err}; keeping stage {stage - 1}'s selection")
+            return self.stage_selection(stage - 1, checkpoint, trajectories)
         rates = pass_rates(trajectories[POOL_SPLIT]) if c.fill == "learnable" else None
-        chosen, best = stored_selection(store, name, [f"val-{n}" for n in self.val_files], c.fraction, c.fusion,
-                                        c.fill, rates)
+        chosen, best = stored_selection(store, name, vals, c.fraction, c.fusion, c.fill, rates)
         self.log(describe_influence(stage, best, chosen, c.fill))
         return chosen
 

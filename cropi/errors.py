@@ -11,3 +11,8 @@ class CropiError(UserError):
 
 class BadConfigError(CropiError, ValueError):
     """A setting, file or model given by the user is missing, malformed or out of range."""
+
+
+class NoValidationSignalError(CropiError):
+    """Every validation sketch at a checkpoint is zero: the behaviour samples agree on every
+    validation prompt (all right or all wrong), so there is no validation gradient to align with."""

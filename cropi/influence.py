@@ -6,7 +6,7 @@ a verl run) can take the second alone::
 
     sketch_and_score(store, name, checkpoint, trajectories)   POPI sketches of the pool and of
         each validation set at ``checkpoint`` (sketches the store has for ``name`` are reused),
-        then scores of the pool against each validation set
+        then scores of the pool against each validation set that has a gradient (returned)
     stored_selection(store, name, val_splits, fraction, ...)  the ids a stage trains on, from
         the stored scores: validation sets fused, top fraction, ``fill`` for the rest
 
@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 from sketchstore import BuildConfig, ProjectionSpec, ScoreOptions, SketchStore, SplitRef, build_sketches, fuse, load_scores, score
 
-from .errors import BadConfigError
+from .errors import BadConfigError, NoValidationSignalError
 from .popi import POPIOptions
 from .strategies import influence_selection
 from .trajectory import read_trajectories
@@ -47,18 +47,27 @@ def val_splits(trajectories: Mapping[str, Path]) -> list[str]:
 
 def sketch_and_score(store: Path, name: str, checkpoint: Path, trajectories: Mapping[str, Path],
                      spec: ProjectionSpec = ProjectionSpec(), device: str = "cpu",
-                     log: Callable[[str], None] = print) -> None:
+                     log: Callable[[str], None] = print) -> list[str]:
     """POPI sketches of every split of ``trajectories`` ({split: behaviour trajectory store}, one
     of them ``pool``) at ``checkpoint``, stored under checkpoint ``name``; then the pool's scores
-    against each validation split."""
+    against each validation split with a non-zero sketch, which are returned. Raises
+    NoValidationSignalError when every validation sketch is zero."""
     vals = val_splits(trajectories)
     for split, traj in trajectories.items():
         report = build_sketches(BuildConfig(model=checkpoint, data=None, store=store, checkpoint=name, split=split,
                                             spec=spec, objective=POPIOptions(trajectories=traj), device=device),
                                 progress=False)
         log(f"{split} sketches {report.added} new, {report.skipped} reused")
-    score(SketchStore.open(store, writable=True), SplitRef(name, POOL_SPLIT), [SplitRef(name, v) for v in vals],
-          ScoreOptions(), progress=False)
+    sketches = SketchStore.open(store, writable=True)
+    live = [v for v in vals if bool((sketches.read(name, v)[1].abs().sum(dim=1) > 0).any())]
+    if not live:
+        raise NoValidationSignalError(
+            f"every validation sketch at {name} is zero ({', '.join(vals)}): the behaviour samples agree on every "
+            "validation prompt (all right or all wrong), so there is no validation gradient to align with")
+    if len(live) < len(vals):
+        log(f"validation sets with only zero sketches left out: {', '.join(v for v in vals if v not in live)}")
+    score(sketches, SplitRef(name, POOL_SPLIT), [SplitRef(name, v) for v in live], ScoreOptions(), progress=False)
+    return live
 
 
 def stored_selection(store: Path, name: str, vals: Sequence[str], fraction: float, fusion: str = "rrf",

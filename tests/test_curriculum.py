@@ -73,8 +73,16 @@ def _check(model: str, out: str) -> dict:
     facts["extended"] = curriculum.run()
     facts["extended_log"] = [r for r in read_log(out / "cropi" / "train") if r["type"] == "step"]
     engine = curriculum.trainer.engine
-    curriculum.trainer._owns_engine = False  # the study below reuses it
+    curriculum.trainer._owns_engine = False  # the runs below reuse it
     curriculum.close()
+
+    # A stage whose refreshed behaviour samples all agree (a reward that no longer varies): no
+    # validation gradient, so the stage keeps the previous stage's selection.
+    register_reward("parity", lambda response, answer, stats=None: 1.0, overwrite=True)
+    flat = Curriculum(replace(extended, stages=STAGES + 2, refresh_every=1), log=logs.append, engine=engine)
+    facts["flat"] = flat.run()
+    flat.close()
+    register_reward("parity", lambda response, answer, stats=None: float(len(response) % 2 == 0), overwrite=True)
 
     # A small study: two seeds of one setting, each its own pool; then run again (resumes, trains nothing).
     from cropi.study import run_study
@@ -165,6 +173,15 @@ def test_resume_adds_a_stage_without_redoing(comparison):
     assert len(_selection(out, "cropi", STAGES)) == round(FRACTION * POOL)
     assert (out / "cropi" / "train" / "checkpoints" / f"stage{STAGES + 1}").is_dir()
     assert any(f"stage {STAGES}: pool sketches {POOL} new" in line for line in facts["logs"])
+
+
+def test_a_stage_without_validation_gradient_keeps_the_previous_selection(comparison):
+    out, facts = comparison
+    stage = STAGES + 1
+    assert facts["flat"]["steps"] == (STAGES + 2) * STEPS
+    assert _selection(out, "cropi", stage) == _selection(out, "cropi", stage - 1)
+    assert any(f"stage {stage}: every validation sketch at stage{stage} is zero" in line
+               and f"keeping stage {stage - 1}'s selection" in line for line in facts["logs"])
 
 
 if __name__ == "__main__":

@@ -146,6 +146,23 @@ def test_build_popi_records_zero_gradient_prompts_and_is_batch_invariant(tiny_mo
             catalog.query(a, "SELECT 1", bad)
 
 
+def test_influence_needs_a_validation_gradient(tiny_model, trajectories, tmp_path):
+    from cropi.errors import NoValidationSignalError
+    from cropi.influence import sketch_and_score
+
+    flat = sample_trajectories(tiny_model, tmp_path / "flat.parquet", n_prompts=2, zero_std_prompt=0)
+    table = pq.read_table(flat).to_pylist()
+    flat = tmp_path / "flat0.parquet"  # only the prompt whose samples all agree: a zero sketch
+    pq.write_table(pa.Table.from_pylist([r for r in table if r["prompt_id"] == "q0"]), flat)
+    spec, lines = ProjectionSpec(dim=256), []
+    live = sketch_and_score(tmp_path / "s", "c0", tiny_model, {"pool": trajectories, "val-a": trajectories,
+                                                               "val-flat": flat}, spec, log=lines.append)
+    assert live == ["val-a"] and any("left out: val-flat" in line for line in lines)
+    with pytest.raises(NoValidationSignalError, match="every validation sketch at c1 is zero"):
+        sketch_and_score(tmp_path / "s", "c1", tiny_model, {"pool": trajectories, "val-flat": flat}, spec,
+                         log=lines.append)
+
+
 def test_bad_trajectories(tiny_model, trajectories, tmp_path):
     with pytest.raises(BadConfigError, match="trajectories not found"):
         read_prompt_groups(tmp_path / "nope.parquet")

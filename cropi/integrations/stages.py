@@ -17,7 +17,7 @@ from sketchstore.data import read_rows, write_rows
 
 from ..checks import check_choice
 from ..errors import BadConfigError
-from ..influence import POOL_SPLIT, describe_influence, pass_rates, sketch_and_score, stored_selection, val_splits
+from ..influence import POOL_SPLIT, describe_influence, pass_rates, sketch_and_score, stored_selection
 from ..strategies import FILLS, count_for
 
 
@@ -81,10 +81,9 @@ class StageSelector:
         if saved is not None:
             return saved
         name = stage_name(stage)
-        sketch_and_score(self.store, name, Path(checkpoint), self.trajectories, self.spec, self.device,
-                         log=lambda line: self.log(f"stage {stage}: {line}"))
+        vals = sketch_and_score(self.store, name, Path(checkpoint), self.trajectories, self.spec, self.device,
+                                log=lambda line: self.log(f"stage {stage}: {line}"))
         rates = pass_rates(self.trajectories[POOL_SPLIT]) if self.fill == "learnable" else None
-        vals = val_splits(self.trajectories)
         chosen, best = stored_selection(self.store, name, vals, self.fraction, self.fusion, self.fill, rates)
         self.log(describe_influence(stage, best, chosen, self.fill))
         write_rows([{"id": i, "stage": stage} for i in chosen], self.selection_file(stage))
