@@ -27,7 +27,7 @@ from cropi.demo import DemoConfig, comparison_base
 from cropi.engine import close_engine
 from cropi.strategies import FILLS
 from cropi.study import run_study
-from cropi.testbed import ROLES, SETTINGS
+from cropi.testbed import ROLES, SETTINGS, split_by_family
 from cropi.testbed_warm import WarmRecipe, ensure_testbed_model
 from cropi.trainer import start_engine
 from sketchstore.data import read_rows
@@ -71,6 +71,9 @@ def main() -> None:
     for name in DEMO_FIELDS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
+    parser.add_argument("--val-by", choices=("set", "family"), default="set",
+                        help="family: one validation set per task family, scored separately and fused by rank "
+                             "(--fusion of CROPI: rrf), instead of one set and its averaged gradient")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads of the engine and the trainer [default: every core]; "
@@ -87,7 +90,10 @@ def main() -> None:
             variants[f"cropi-fill-{fill}"] = {"strategy": "cropi", "fill": fill}
 
     def base_for(setting: str, seed: int, out: Path):
-        return comparison_base(demo, model, setting, seed, out)
+        base = comparison_base(demo, model, setting, seed, out)
+        if args.val_by == "family":
+            base = replace(base, val_sets=split_by_family(base.val_sets["target"], out / "val-by-family"))
+        return base
 
     probe = base_for(args.settings[0], args.seeds[0], args.out / args.settings[0] / f"seed{args.seeds[0]}")
     engine = start_engine(replace(probe.train, threads=args.threads))  # one engine serves every arm

@@ -41,7 +41,7 @@ from .errors import BadConfigError, NoValidationSignalError
 from .influence import POOL_SPLIT, describe_influence, pass_rates, sketch_and_score, stored_selection
 from .rollout import RolloutConfig, run_rollouts
 from .run_dir import CKPT_DIR
-from .strategies import FILLS, INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
+from .strategies import DEFAULT_FILL, FILLS, INFLUENCE_STRATEGIES, STRATEGIES, count_for, static_selection
 from .tasks import read_tasks
 from .train_config import TrainConfig
 from .trainer import GRPOTrainer
@@ -70,7 +70,7 @@ class CurriculumConfig:
     val_prompts: int = option(DEFAULT_VAL_PROMPTS, "Validation prompts per set (the paper's N = 100).")
     spec: ProjectionSpec = option(default_factory=ProjectionSpec, help="Projection of the POPI sketches.")
     fusion: str = option("rrf", "How validation sets combine.", choices=FUSIONS)
-    fill: str = option("ties", "What fills an influence selection when fewer prompts align than the fraction asks "
+    fill: str = option(DEFAULT_FILL, "What fills an influence selection when fewer prompts align than the fraction asks "
                                "for: ties (next by score), fewer (aligned only), learnable (top p(1-p)).", choices=FILLS)
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from .checks import check_choice, check_int
 from .compare import BASELINE, DEFAULT_METRIC, METRICS, describe_acceleration, run_comparison
 from .curriculum import CurriculumConfig
 from .errors import BadConfigError
-from .strategies import FILLS, STRATEGIES
+from .strategies import DEFAULT_FILL, FILLS, STRATEGIES
 from .testbed import SETTINGS, TestbedConfig, write_testbed
 from .testbed_warm import WarmRecipe, ensure_testbed_model
 from .tiny_model import DEFAULT_MODEL_CACHE
@@ -51,7 +51,7 @@ class DemoConfig:
     stages: int = option(4, "Stages.")
     steps_per_stage: int = option(15, "GRPO steps per stage.")
     fraction: float = option(0.1, "Share of the pool selected per stage.")
-    fill: str = option("ties", "What fills an influence selection when too few prompts align.", choices=FILLS)
+    fill: str = option(DEFAULT_FILL, "What fills an influence selection when too few prompts align.", choices=FILLS)
     prompts_per_step: int = option(16, "Prompts per GRPO step.")
     n: int = option(8, "Samples per prompt in GRPO steps.")
     max_tokens: int = option(24, "Response token limit.")

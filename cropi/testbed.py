@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sketchstore.data import write_rows
+from sketchstore.data import read_rows, write_rows
 from sketchstore.options import option
 from sketchstore.seeds import stable_seed
 
@@ -222,3 +222,11 @@ def write_testbed(config: TestbedConfig, out: str | Path) -> dict[str, Path]:
     ``out`` (atomically); returns ``{name: path}``."""
     out = Path(out)
     return {name: write_rows(rows, out / f"{name}.jsonl") for name, rows in testbed_sets(config).items()}
+
+
+def split_by_family(path: str | Path, out: str | Path) -> dict[str, Path]:
+    """One validation set per task family of the rows in ``path`` (``out/<family>.jsonl``),
+    for influence scored per family and fused by rank instead of one averaged gradient."""
+    rows = read_rows(path, required=("id", "family"))
+    families = sorted({r["family"] for r in rows})
+    return {f: write_rows([r for r in rows if r["family"] == f], Path(out) / f"{f}.jsonl") for f in families}

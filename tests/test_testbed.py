@@ -45,6 +45,12 @@ def test_sets_are_deterministic_disjoint_and_follow_the_setting(tmp_path):
     assert len({r["role"] for r in untargeted["eval"]}) == len({f.role for f in DEFAULT_FAMILIES})
     files = write_testbed(tb.TestbedConfig(pool_size=20, val_size=4, eval_size=8), tmp_path)
     assert [len(read_rows(files[k])) for k in ("pool", "val", "eval")] == [20, 4, 8]
+    wide = write_testbed(tb.TestbedConfig(setting="untargeted", pool_size=20, val_size=40, eval_size=8), tmp_path / "u")
+    per_family = tb.split_by_family(wide["val"], tmp_path / "u" / "by-family")
+    rows = read_rows(wide["val"])
+    assert sorted(per_family) == sorted({r["family"] for r in rows}) and len(per_family) > 1
+    assert sorted(r["id"] for p in per_family.values() for r in read_rows(p)) == sorted(r["id"] for r in rows)
+    assert all({r["family"] for r in read_rows(p)} == {f} for f, p in per_family.items())
 
 
 def test_warm_start_references_use_the_right_procedure_at_the_label_accuracy():
