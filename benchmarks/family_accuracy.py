@@ -9,8 +9,8 @@ seeds, on one engine whose weights are swapped per checkpoint (cropi.engine.sync
 
     python benchmarks/family_accuracy.py --study runs/curriculum-study --setting untargeted
 
-Ends with one JSON line: per arm and family, mean over seeds of start and final accuracy and
-the family's share of the arm's training prompts.
+Ends with one JSON line: per arm and family, mean over seeds of start and final accuracy (for
+the families the evaluation set holds) and the family's share of the arm's training prompts.
 """
 
 from __future__ import annotations
@@ -96,17 +96,18 @@ def main() -> None:
                 for fam, share in trained_shares(run / arm, pool).items():
                     per[arm][fam]["trained_share"].append(share)
                 print(f"seed {seed} {arm}: " + ", ".join(f"{f} {sum(v['final']) / len(v['final']):.3f}"
-                                                         for f, v in per[arm].items()), flush=True)
+                                                         for f, v in per[arm].items() if v.get("final")), flush=True)
     finally:
         if engine is not None:
             close_engine(engine)
-    summary = {arm: {fam: {k: round(sum(v) / len(v), 4) for k, v in keys.items()} for fam, keys in fams.items()}
+    summary = {arm: {fam: {k: round(sum(v) / len(v), 4) for k, v in keys.items() if v} for fam, keys in fams.items()}
                for arm, fams in per.items()}
     print("| arm | family | trained share | start | final | gain |\n|---|---|---:|---:|---:|---:|")
     for arm, fams in summary.items():
         for fam, s in fams.items():
-            print(f"| {arm} | {fam} | {s['trained_share']:.3f} | {s['start']:.3f} | {s['final']:.3f} | "
-                  f"{s['final'] - s['start']:+.3f} |")
+            evaluated = "final" in s  # a family the evaluation set does not hold has a trained share only
+            print(f"| {arm} | {fam} | {s['trained_share']:.3f} | " + (
+                f"{s['start']:.3f} | {s['final']:.3f} | {s['final'] - s['start']:+.3f} |" if evaluated else "- | - | - |"))
     print(json.dumps({"study": str(args.study), "setting": args.setting, "seeds": args.seeds, "families": summary}))
 
 
