@@ -34,9 +34,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-+=@]+$")
 #: Most rows per factored forward/backward when --batch-size is 0 (auto).
 MAX_AUTO_BATCH = 8
 #: Auto batch size: rows of --max-length tokens per pass keep vocabulary x positions under this
-#: (2**25 logits, 128 MiB per float32 copy; a pass holds ~4 copies). On SmolLM2 (49k vocabulary,
-#: 256-token rows) 8 rows per pass peaked at 5.5 GiB and ran slower than 1 row (benchmarks/README.md).
-AUTO_BATCH_LOGITS = 1 << 25
+#: (2**24 logits, 64 MiB per float32 copy; a pass holds ~4 copies). On SmolLM2 (49k vocabulary,
+#: 256-token rows, float32, 2 threads) 1 row per pass ran at 0.75 rows/s with a 1.9 GiB peak, 2 rows
+#: at 0.82 rows/s and 2.6 GiB (over the 2.25 GiB bound), 8 rows at 5.5 GiB (benchmarks/README.md).
+AUTO_BATCH_LOGITS = 1 << 24
 #: Compute dtypes a build may load the model in (``--compute-dtype``) (bfloat16: faster where the CPU has avx512_bf16).
 DTYPES = ("float32", "bfloat16")
 DEFAULT_FLUSH_ROWS = 256
