@@ -83,7 +83,7 @@ OURS = {
     **{f"factored_side{side}": ({"mode": "factored", "factor_side": side}, {"batch_size": 32, "norms": "sketch"})
        for side in (32, 64, 256)},
     **{f"factored_v{v}": ({"mode": "factored", "factor_version": v}, {"batch_size": 32, "norms": "sketch"})
-       for v in (1, 2)},
+       for v in (1, 2, 3)},
 }
 #: Bergson's projection_dim sweep per model; the first is the headline (p * p * modules ~ DIM).
 BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34), SMOLLM2: (6, 3, 12)}

@@ -184,11 +184,11 @@ class POPIObjective:
                                        for v in (tok_behaviour, tok_temp, tok_adv, tok_scale))
         clip = self.clip
 
-        def loss_fn(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            dev = logits.device
+        def loss_fn(token_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            dev = token_logits.device
             chosen, local = select_tokens(tok_seq, index, len(seqs))
             local = local.to(dev)
-            step = logits[local, tok_pos[chosen].to(dev)].float() / temp[chosen].to(dev)[:, None]
+            step = token_logits.float() / temp[chosen].to(dev)[:, None]
             logp = torch.log_softmax(step, dim=-1).gather(1, target[chosen].to(dev)[:, None]).squeeze(1)
             rho = torch.exp(logp - behaviour[chosen].to(dev))
             a = adv[chosen].to(dev)
@@ -199,7 +199,7 @@ class POPIObjective:
             return -per_seq.index_add(0, local, surrogate * scale[chosen].to(dev))
 
         return SequenceBatch(sequences=seqs, seq_rows=torch.tensor(seq_rows, dtype=torch.long), n_rows=len(rows),
-                             n_tokens=n_tokens, loss_fn=loss_fn, zero_rows=zero_rows)
+                             n_tokens=n_tokens, tok_seq=tok_seq, tok_pos=tok_pos, loss_fn=loss_fn, zero_rows=zero_rows)
 
 
 @register_objective

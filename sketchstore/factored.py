@@ -322,7 +322,7 @@ class FactoredSketcher:
         sketches = torch.zeros(batch.n_rows, self.spec.dim, device=self._device())
 
         def add(name: str, value: torch.Tensor) -> None:  # called in sorted-name order
-            sketches.add_(self.projection.final.project({name: value}))
+            self.projection.accumulate(sketches, name, value)
 
         sq_norms, losses = self._run(batch, add, self._pool)
         sketches = sketches.cpu()
@@ -383,7 +383,7 @@ class FactoredSketcher:
                     for use in self.uses:
                         use.calls = 0
                     logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                    losses = batch.loss_fn(logits, index)
+                    losses = batch.loss_fn(batch.token_logits(logits, index), index)
                     del logits
                     if losses.requires_grad:
                         losses.sum().backward()

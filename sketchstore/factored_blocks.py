@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .factor_projection import FactorProjection, apply_codes
+from .factor_projection import CountSketch, FactorProjection, apply_sketch
 
 #: Tokens with a zero output gradient are dropped from a matrix's products when fewer than this
 #: share of its tokens remain (below it, the saved products outweigh the copy).
@@ -31,14 +31,14 @@ def block_and_norm(projection: FactorProjection, name: str, pieces: Sequence[tup
     R = layout["R"]
     m, n = projection.shapes[name]
     k_r, k_c = projection.block_shape(name)
-    row_codes, col_codes = projection.codes(name, "row"), projection.codes(name, "col")
+    row_sketch, col_sketch = projection.sketch(name, "row"), projection.sketch(name, "col")
     device = projection.device
     pieces = [compact(a, b, layout) for a, b in pieces]
     tokens = [sum(bounds[r][1] - bounds[r][0] for _, _, bounds in pieces) for r in range(R)]
     gram = [not exact or t * t * (m + n) + t * k_r * k_c < t * m * n + 2 * m * n for t in tokens]
     block = torch.empty(R, k_r, k_c, device=device)  # every row is written below
     sq = torch.zeros(R, dtype=torch.float64, device=device) if exact else None
-    projected = [project_factors(a, b, row_codes, col_codes, k_r, k_c) + (bounds,)
+    projected = [project_factors(a, b, row_sketch, col_sketch) + (bounds,)
                  for a, b, bounds in pieces] if any(gram) else []
     for r in range(R):
         if tokens[r] == 0:
@@ -70,8 +70,8 @@ def block_and_norm(projection: FactorProjection, name: str, pieces: Sequence[tup
                 else:
                     grad.addmm_(a.T, b)
             sq[r] = grad.pow(2).sum(dtype=torch.float64)
-            grad = apply_codes(grad, col_codes, k_c)
-            block[r] = apply_codes(grad.T, row_codes, k_r).T
+            grad = apply_sketch(grad, col_sketch)
+            block[r] = apply_sketch(grad.T, row_sketch).T
     return block, sq
 
 
@@ -92,18 +92,17 @@ def compact(a: torch.Tensor, b: torch.Tensor, layout: dict) -> tuple[torch.Tenso
     return a[index], b[index], list(zip([0] + ends[:-1], ends))
 
 
-def project_factors(a: torch.Tensor, b: torch.Tensor, row_codes: torch.Tensor | None,
-                    col_codes: torch.Tensor | None, k_r: int, k_c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def project_factors(a: torch.Tensor, b: torch.Tensor, row_sketch: CountSketch | None,
+                    col_sketch: CountSketch | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(P_row a_t, P_col b_t) per token; a one-hot a (ids) stays ids: P_row[:, id] = +-e_h(id)
     is a signed lookup (bucket ids, sign folded into the column factor)."""
-    bp = apply_codes(b, col_codes, k_c)
+    bp = apply_sketch(b, col_sketch)
     if a.dtype != torch.long:
-        return apply_codes(a, row_codes, k_r), bp
-    if row_codes is None:
+        return apply_sketch(a, row_sketch), bp
+    if row_sketch is None:
         return a, bp
-    code = row_codes[a]
-    negative = code >= k_r
-    return code - k_r * negative, torch.where(negative[:, None], -bp, bp)
+    bucket, negative = row_sketch.lookup(a)
+    return bucket, torch.where(negative[:, None], -bp, bp)
 
 
 def gram_norm(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

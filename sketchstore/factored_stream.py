@@ -13,7 +13,7 @@ exact-norm path (same seeded factors), up to float rounding.
 
 Modules fed the same input tensor in a pass (q/k/v, gate/up) whose column factors are equal
 (one factor per parent module and input width, factor_projection.py) project it once: the
-projection is cached per pass by (input tensor, codes). The blocks accumulate in ``pool``
+projection is cached per pass by (input tensor, factor). The blocks accumulate in ``pool``
 when given (the sketcher's buffers, reused across batches): fresh (rows, k_r, k_c) buffers per
 batch cost more in page faults than their products (measured: 176k minor faults per 256 rows).
 """
@@ -23,8 +23,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
-from .factor_projection import apply_codes
+from .factor_projection import apply_sketch
 from .normalised import normalised_input
 from .sequences import SequenceBatch
 
@@ -57,9 +58,8 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
     def add(name: str, rows: torch.Tensor, value: torch.Tensor) -> None:
         accumulator(name, tuple(value.shape[1:]), value).index_add_(0, rows, value)
 
-    def codes(name: str):
-        k_r, k_c = projection.block_shape(name)
-        return projection.codes(name, "row"), projection.codes(name, "col"), k_r, k_c
+    def sketches(name: str):
+        return projection.sketch(name, "row"), projection.sketch(name, "col")
 
     def on_grad(use, saved, rows):
         def hook(grad):
@@ -69,8 +69,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             if use.weight is None:
                 return
             if use.kind == "linear":
-                row_codes, _, k_r, _ = codes(use.weight)
-                gp = apply_codes(g, row_codes, k_r)  # (S, T, k_r)
+                gp = apply_sketch(g, sketches(use.weight)[0])  # (S, T, k_r)
                 add(use.weight, rows, torch.bmm(gp.transpose(1, 2), saved))
             elif use.kind == "embedding":
                 add_lookup(use.weight, saved, g, rows)
@@ -80,26 +79,25 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
 
     def add_lookup(name, ids, g, rows):
         """Block rows P_row[:, id] += (P_col g)^T: a signed row lookup per token."""
-        row_codes, col_codes, k_r, k_c = codes(name)
-        gp = apply_codes(g, col_codes, k_c)  # (S, T, k_c)
+        row_sketch, col_sketch = sketches(name)
+        k_r, k_c = projection.block_shape(name)
+        gp = apply_sketch(g, col_sketch)  # (S, T, k_c)
         gp = torch.where((ids >= 0)[..., None], gp, torch.zeros_like(gp))  # padding_idx: no gradient
         ids = ids.clamp_min(0)
-        if row_codes is None:
+        if row_sketch is None:
             bucket = ids
         else:
-            code = row_codes[ids]
-            negative = code >= k_r
-            bucket = code - k_r * negative
+            bucket, negative = row_sketch.lookup(ids)
             gp = torch.where(negative[..., None], -gp, gp)
         flat = (rows[:, None] * k_r + bucket).reshape(-1)
         accumulator(name, (k_r, k_c), gp).view(R * k_r, k_c).index_add_(0, flat, gp.reshape(-1, k_c))
 
     def project_input(x: torch.Tensor, name: str) -> torch.Tensor:
-        """P_col x, once per (input tensor, codes) and pass (the cache holds x, so its id stays unique)."""
-        _, col_codes, _, k_c = codes(name)
-        key = (id(x), id(col_codes), k_c)
+        """P_col x, once per (input tensor, factor) and pass (the cache holds x, so its id stays unique)."""
+        col_sketch = sketches(name)[1]
+        key = (id(x), id(col_sketch))
         if key not in state["inputs"]:
-            state["inputs"][key] = (x, apply_codes(x.detach().float(), col_codes, k_c))
+            state["inputs"][key] = (x, apply_sketch(x.detach().float(), col_sketch))
         return state["inputs"][key][1]
 
     def on_forward(use):
@@ -119,16 +117,30 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             return output
         return hook
 
-    handles = [u.module.register_forward_hook(on_forward(u)) for u in sketcher.uses]
+    def gather_loss_positions(module, inputs):
+        """The output embedding's input at the pass's loss positions only, (S, T, d) -> (S, L, d)."""
+        keep, x = state["keep"], inputs[0]
+        if x.dim() != 3 or tuple(x.shape[:2]) != state["padded"]:
+            return None  # not the final hidden states of this pass: logits stay whole
+        state["gathered"] = True
+        return (x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1])),) + tuple(inputs[1:])
+
+    head = sketcher.model.get_output_embeddings()
+    handles = [head.register_forward_pre_hook(gather_loss_positions)] if isinstance(head, nn.Module) else []
+    handles += [u.module.register_forward_hook(on_forward(u)) for u in sketcher.uses]
     if not any(u.module is sketcher.input_embedding for u in sketcher.uses):
         handles.append(sketcher.input_embedding.register_forward_hook(sketcher._start_hook))
     try:
         for index in passes:
             ids, mask = batch.padded(index)
-            state["rows"] = seq_rows[index.to(device)]
-            state["inputs"] = {}
+            local, pos, slot = batch.loss_tokens(index)
+            keep = torch.zeros(len(index), max(1, int(slot.max()) + 1 if len(slot) else 1), dtype=torch.long)
+            keep[local, slot] = pos
+            state.update(rows=seq_rows[index.to(device)], inputs={}, keep=keep.to(device), padded=tuple(ids.shape),
+                         gathered=False)
             logits = sketcher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            losses = batch.loss_fn(logits, index)
+            at = (local, slot) if state["gathered"] else (local, pos)
+            losses = batch.loss_fn(logits[at[0].to(device), at[1].to(device)], index)
             del logits
             state["inputs"] = {}
             if losses.requires_grad:

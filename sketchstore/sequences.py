@@ -55,11 +55,14 @@ class SequenceBatch:
     """Many rows as token sequences for a few batched forward/backward passes.
 
     ``sequences[s]``: token ids of sequence s; ``seq_rows[s]``: the row it belongs to (a prompt with K
-    sampled responses has up to K sequences, an SFT row one), non-decreasing. ``loss_fn(logits, index)``:
-    for the sequences ``index`` (LongTensor) run right-padded (``padded(index)``) through the
-    model, with (len(index), T, V) logits, their (len(index),) losses; summed over a row's
-    sequences they give the row's loss. Sequences never interact (causal attention, right
-    padding: every real token keeps its unpadded position and sees only its own sequence),
+    sampled responses has up to K sequences, an SFT row one), non-decreasing. The loss reads the
+    logits of its *loss tokens*: token j belongs to sequence ``tok_seq[j]`` (non-decreasing) and
+    is predicted by the logits at position ``tok_pos[j]`` of that sequence.
+    ``loss_fn(token_logits, index)``: for the sequences ``index`` (ascending LongTensor) run
+    right-padded (``padded(index)``) through the model, with ``token_logits`` the (M, V) logits of
+    their M loss tokens in token order (:meth:`loss_tokens`), their (len(index),) losses; summed
+    over a row's sequences they give the row's loss. Sequences never interact (causal attention,
+    right padding: every real token keeps its unpadded position and sees only its own sequence),
     so the gradient of a sum of these losses with respect to one sequence's activations is
     exactly its row's gradient restricted to that sequence's tokens, whichever sequences share
     the pass. ``n_tokens``/``zero_rows``: per row, the token count the per-row path records
@@ -70,6 +73,8 @@ class SequenceBatch:
     seq_rows: torch.Tensor
     n_rows: int
     n_tokens: list[int]
+    tok_seq: torch.Tensor
+    tok_pos: torch.Tensor
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     zero_rows: list[bool]
     pad_id: int = 0
@@ -82,3 +87,19 @@ class SequenceBatch:
         """(input_ids, attention_mask) of the sequences ``index`` (all when None), right-padded."""
         chosen = self.sequences if index is None else [self.sequences[int(i)] for i in index]
         return right_pad(chosen, self.pad_id)
+
+    def loss_tokens(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(local, position, slot) of the loss tokens of the sequences ``index``, in token order:
+        the sequence's place in ``index``, the position of its predicting logits, and the token's
+        rank among that sequence's loss tokens."""
+        chosen, local = select_tokens(self.tok_seq, index, self.n_sequences)
+        pos = self.tok_pos[chosen]
+        first = torch.zeros(len(index) + 1, dtype=torch.long)
+        first[1:] = torch.cumsum(torch.bincount(local, minlength=len(index)), 0)
+        slot = torch.arange(len(local)) - first[local]
+        return local, pos, slot
+
+    def token_logits(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The (M, V) loss-token logits of full (len(index), T, V) logits of the sequences ``index``."""
+        local, pos, _ = self.loss_tokens(index)
+        return logits[local.to(logits.device), pos.to(logits.device)]

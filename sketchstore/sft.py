@@ -80,17 +80,16 @@ class SFTObjective:
         tok_seq, tok_pos, tok_target = (torch.tensor(v, dtype=torch.long) for v in (tok_seq, tok_pos, tok_target))
         scale = 1.0 / torch.tensor(counts, dtype=torch.float32)[tok_seq]
 
-        def loss_fn(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            dev = logits.device
+        def loss_fn(token_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            dev = token_logits.device
             chosen, local = select_tokens(tok_seq, index, len(seqs))
-            local = local.to(dev)
-            nll = -token_logprobs(logits[local, tok_pos[chosen].to(dev)], tok_target[chosen].to(dev))
+            nll = -token_logprobs(token_logits, tok_target[chosen].to(dev))
             per_seq = torch.zeros(len(index), dtype=nll.dtype, device=dev)
-            return per_seq.index_add(0, local, nll * scale[chosen].to(dev))
+            return per_seq.index_add(0, local.to(dev), nll * scale[chosen].to(dev))
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return SequenceBatch(sequences=seqs, seq_rows=torch.arange(len(rows)), n_rows=len(rows), n_tokens=counts,
-                             loss_fn=loss_fn, zero_rows=[False] * len(rows), pad_id=int(pad_id))
+                             tok_seq=tok_seq, tok_pos=tok_pos, loss_fn=loss_fn, zero_rows=[False] * len(rows), pad_id=int(pad_id))
 
 
 @register_objective

@@ -26,12 +26,13 @@ DEFAULT_KEEP_RATIO = 1.0
 FACTOR_SIDE_MULTIPLIER = 2
 #: Block side of factored stores written before the spec had ``factor_side`` (their rule: 2**ceil(log2(sqrt(8 dim)))).
 LEGACY_FACTOR_SIDE_MULTIPLIER = 8
-#: How factored sketches seed their factors (factor_projection.py): 1 = every factor per parameter name; 2 = column
-#: factors per parent module and input width, shared by q/k/v and gate/up, whose input is then projected once per
-#: pass. Measured side by side (4-layer model, benchmarks/README.md): 2 is ~7% faster but its errors correlate
-#: (Spearman vs exact 0.983 against 0.990), so 1 is the default and 2 an option.
-FACTOR_VERSIONS = (1, 2)
-DEFAULT_FACTOR_VERSION = 1
+#: How factored sketches build their factors (factor_projection.FACTOR_RULES): 1 = random buckets, every factor seeded
+#: per parameter name; 2 = the same with column factors per parent module and input width, shared by q/k/v and gate/up
+#: (their input is projected once per pass); 3 = folded buckets (coordinate i to bucket i mod k, random signs) and a
+#: folded final hash, per parameter. Measured side by side (4-layer model, 3 seeds, benchmarks/README.md): 3 is the
+#: most faithful (Spearman vs exact 0.992 against 0.987 for 1) and the fastest, so it is the default.
+FACTOR_VERSIONS = (1, 2, 3)
+DEFAULT_FACTOR_VERSION = 3
 #: Version of factored stores written before the spec had ``factor_version``.
 LEGACY_FACTOR_VERSION = 1
 
@@ -63,7 +64,7 @@ class ProjectionSpec:
     dtype: storage dtype of sketches (they are always accumulated in float32).
     factor_side: factored mode only (0 otherwise): the largest side of a weight matrix's
     intermediate block (0 = the default for ``dim``, :func:`default_factor_side`).
-    factor_version: factored mode only (0 otherwise): how its factors are seeded, one of
+    factor_version: factored mode only (0 otherwise): how its factors are built, one of
     FACTOR_VERSIONS (0 = DEFAULT_FACTOR_VERSION; stores from before the field read as LEGACY_FACTOR_VERSION).
     param_hash: hash of the parameter names and shapes the gradients cover ("" = not set).
     """
@@ -76,8 +77,9 @@ class ProjectionSpec:
     dtype: str = option("float16", "Storage dtype of sketches.", choices=STORAGE_DTYPES)
     factor_side: int = option(0, "Factored mode: largest side of each weight matrix's intermediate block, a power of "
                                  "two (0: the default for --dim; larger is more faithful and slower).")
-    factor_version: int = option(0, f"Factored mode: how factors are seeded (0: {DEFAULT_FACTOR_VERSION}, per "
-                                    "parameter; 2: column factors shared per module, faster and less faithful).")
+    factor_version: int = option(0, f"Factored mode: how factors are built (0: {DEFAULT_FACTOR_VERSION}, folded "
+                                    "buckets; 1: random buckets, what stores before the field used; 2: random buckets, "
+                                    "column factors shared per module).")
     param_hash: str = option("", "Hash of the parameter names and shapes (filled in by a build).")
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches
 from sketchstore.data import read_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
 from sketchstore import factored_blocks
-from sketchstore.factor_projection import factor_dims
+from sketchstore.factor_projection import CountSketch, FoldedHash, factor_dims
 from sketchstore.factored import FactoredSketcher, plan_passes
 from sketchstore.gradients import load_model, per_example_gradients, select_parameters
 from sketchstore.sft import SFTObjective
@@ -303,9 +303,9 @@ def test_build_and_cli_record_the_norm_kind(tiny_model, sft_data, tmp_path):
 def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(model_tok, tiny_model, sft_data,
                                                                                sft_rows, tmp_path):
     model, tok = model_tok
-    assert ProjectionSpec(dim=512, mode="factored").factor_version == 1 and ProjectionSpec(dim=512).factor_version == 0
+    assert ProjectionSpec(dim=512, mode="factored").factor_version == 3 and ProjectionSpec(dim=512).factor_version == 0
     with pytest.raises(BadInputError, match="factor version must be 0 or one of"):
-        ProjectionSpec(dim=512, mode="factored", factor_version=3)
+        ProjectionSpec(dim=512, mode="factored", factor_version=4)
     legacy = ProjectionSpec(dim=512, mode="factored").to_dict()
     del legacy["factor_version"]  # a factored store written before the field: every factor seeded by its name
     assert ProjectionSpec.from_dict(legacy).factor_version == 1
@@ -315,9 +315,9 @@ def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(m
     q, k, gate = (f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"))
     spec = ProjectionSpec(dim=512, mode="factored", factor_side=32)
     new, old = (FactoredSketcher(model, params, replace(spec, factor_version=v)).projection for v in (2, 1))
-    assert new.codes(q, "col") is new.codes(k, "col") and new.codes(q, "row") is not new.codes(k, "row")
-    assert not torch.equal(new.codes(q, "col"), new.codes(gate, "col"))  # another parent module
-    assert not torch.equal(old.codes(q, "col"), old.codes(k, "col"))  # version 1: per parameter name
+    assert new.sketch(q, "col") is new.sketch(k, "col") and new.sketch(q, "row") is not new.sketch(k, "row")
+    assert not torch.equal(new.factor(q, "col"), new.factor(gate, "col"))  # another parent module
+    assert not torch.equal(old.factor(q, "col"), old.factor(k, "col"))  # version 1: per parameter name
     # shared factors stay unbiased Kronecker projections; the streaming path projects a shared input once
     sketcher = FactoredSketcher(model, params, replace(spec, factor_version=2), norms="sketch")
     grads, _ = exact(model, SFTObjective(tok), sft_rows, params)
@@ -327,8 +327,32 @@ def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(m
         assert close(blocks[name], expected[name]), name
     common = dict(model=tiny_model, data=sft_data[1], store=tmp_path / "s", checkpoint="c0", split="val")
     build_sketches(BuildConfig(spec=replace(spec, factor_version=2), **common), progress=False)
-    with pytest.raises(SpecMismatchError, match="factor_version 1 != store 2"):
+    with pytest.raises(SpecMismatchError, match="factor_version 3 != store 2"):
         build_sketches(BuildConfig(spec=spec, **common), progress=False)
+
+
+def test_folded_factors_and_final_hash_follow_their_definition():
+    """factor_version 3: coordinate i of a side goes to bucket i mod k (balanced), entry f of a
+    parameter's block to (offset + f) mod dim, with seeded signs; both equal their dense definition."""
+    sketch = CountSketch(300, 128, "folded", torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(sketch.bucket, torch.arange(300) % 128)
+    dense = sketch.dense()
+    assert sorted(set(dense.abs().sum(1).tolist())) == [2.0, 3.0]  # 300 = 2 * 128 + 44: balanced loads
+    x = torch.randn(4, 5, 300)
+    assert close(sketch.apply(x), x @ dense.T)
+    hashed = CountSketch(300, 128, "hashed", torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert close(hashed.apply(x), x @ hashed.dense().T)
+    final = FoldedHash(dim=64, seed=3, device=torch.device("cpu"))
+    for name, value in (("w", torch.randn(3, 10, 20)), ("b", torch.randn(3, 40))):  # wraps around dim / fits
+        out = torch.zeros(3, 64)
+        final.accumulate(out, name, value)
+        offset, sign = final._key(name, value[0].numel())
+        expected = torch.zeros(3, 64)
+        for f, column in enumerate(value.reshape(3, -1).T):
+            expected[:, (offset + f) % 64] += sign[f] * column
+        assert close(out, expected), name
+    assert final._key("w", 200)[0] != final._key("other", 200)[0] or not torch.equal(final._key("w", 200)[1][:40],
+                                                                                      final._key("other", 200)[1][:40])
 
 
 def test_streaming_reuses_its_buffers_across_batches(model_tok, sft_rows):
