@@ -19,11 +19,14 @@ reference responses):
                  Rademacher Kronecker blocks, fp32; P swept, and the headline P has
                  P * P * modules ~ k
   ours LABEL     ``build_sketches`` (what ``sketch build`` runs) with factored or sparse specs
+  bare           the floor of both: a frozen forward and input-gradient backward of our passes,
+                 no hooks and no sketch (speed only)
 
 Influence score of a train row = mean over validation rows of cos(g, v), the same function
 for every method; fidelity = Spearman of the scores against the exact ones, and overlap of
 the top-10% sets. Speed: ``rows/s compute`` = train rows / time of the gradient-and-sketch
-loop only (Bergson's ``collect_gradients``, our sketcher's ``sketch_rows``); ``cpu`` the
+loop over tokenised rows only (Bergson's ``collect_gradients``, our sketcher's
+``sketch_batch``: tokenising is outside both); ``cpu`` the
 same over that loop's process CPU time (one thread: robust to a busy machine); ``rows/s wall``
 = train rows / wall time of the CLI command (``bergson build``, ``sketch build``: imports,
 model load, tokenising, writing included). Bytes/row: on-disk size of the train output / rows.
@@ -71,12 +74,13 @@ TOP_FRACTION = 0.1
 #: Glob of the linear weights (what Bergson tracks): our "linear layers only" runs.
 LINEAR_GLOB = "model.layers.*proj.weight"
 #: Our configurations: label -> (ProjectionSpec fields, BuildConfig fields). "factored" is the
-#: default spec (block side 128 at k = 8192) with the default exact norms; "_sketch_norms" the
-#: same sketches with ``--norms sketch`` (blocks accumulated during backward); factored_sideS
-#: sweeps the block side (256 = the rule before factor_side existed); factored_vV seeds the
-#: factors by spec factor_version V (1: per parameter; 2: column factors shared per module).
+#: default spec (block side 128 at k = 8192, factor_version 3) with exact norms (``--norms exact``);
+#: "_sketch_norms" the same sketches with the build's default for factored, ``--norms sketch``
+#: (blocks accumulated during backward); factored_sideS sweeps the block side (256 = the rule
+#: before factor_side existed); factored_vV builds the factors by spec factor_version V (1: random
+#: buckets, per parameter; 2: column factors shared per module; 3: folded buckets, the default).
 OURS = {
-    "factored": ({"mode": "factored"}, {"batch_size": 32}),
+    "factored": ({"mode": "factored"}, {"batch_size": 32, "norms": "exact"}),
     "factored_sketch_norms": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch"}),
     "factored_linear": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch", "params": (LINEAR_GLOB,)}),
     "sparse": ({"mode": "sparse"}, {"batch_size": 8}),
@@ -234,7 +238,8 @@ def child_bergson_exact(args) -> dict:
 
 def child_ours(args) -> dict:
     """Our builds (build_sketches, what `sketch build` runs), one per configuration; the
-    sketcher's sketch_rows is timed."""
+    sketcher's sketch_batch is timed (forward, backward and sketching of tokenised rows: the
+    scope of Bergson's collect_gradients, whose rows are tokenised before it starts)."""
     import numpy as np
 
     import sketchstore.build as sbuild
@@ -245,13 +250,13 @@ def child_ours(args) -> dict:
 
     def timed_sketcher(*a, **k):
         sketcher = make(*a, **k)
-        rows = sketcher.sketch_rows
+        batch = sketcher.sketch_batch
 
-        def sketch_rows(*aa, **kk):
+        def sketch_batch(*aa, **kk):
             with timer:
-                return rows(*aa, **kk)
+                return batch(*aa, **kk)
 
-        sketcher.sketch_rows = sketch_rows
+        sketcher.sketch_batch = sketch_batch
         return sketcher
 
     sbuild.make_sketcher = timed_sketcher
@@ -275,7 +280,34 @@ def child_ours(args) -> dict:
     return out
 
 
-CHILDREN = {"exact": child_exact, "bergson": child_bergson, "bergson_exact": child_bergson_exact, "ours": child_ours}
+def child_bare(args) -> dict:
+    """The floor of both tools: a frozen forward and input-gradient backward of the same passes
+    (our loss at the loss tokens, the embedding's output as the leaf), no hooks, no sketch."""
+    import torch
+
+    from sketchstore.factored import _frozen, plan_passes
+    from sketchstore.gradients import load_model
+    from sketchstore.sft import SFTObjective
+
+    model, tok = load_model(args.model)
+    objective = SFTObjective(tok)
+    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
+    timer = Timer()
+    leaf = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    with _frozen(model), torch.enable_grad():
+        for lo in range(0, len(rows), int(args.batch)):
+            batch = objective.batch(rows[lo:lo + int(args.batch)])
+            with timer:
+                for index in plan_passes([len(q) for q in batch.sequences]):
+                    ids, mask = batch.padded(index)
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    batch.loss_fn(batch.token_logits(logits, index), index).sum().backward()
+    leaf.remove()
+    return {"compute_s": timer.wall, "cpu_s": timer.cpu}
+
+
+CHILDREN = {"exact": child_exact, "bergson": child_bergson, "bergson_exact": child_bergson_exact, "ours": child_ours,
+            "bare": child_bare}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -371,8 +403,9 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
     ps = BERGSON_P[size]
     configs = [c for c in args.ours.split(",") if c and c not in SKIP.get(size, ())]
     exact = run_child(Path(sys.executable), args, "exact", **paths)
-    ours_runs, bergson_runs, walls = [], [], {"bergson": [], "ours_factored_sketch_norms": []}
+    ours_runs, bergson_runs, bare_runs, walls = [], [], [], {"bergson": [], "ours_factored_sketch_norms": []}
     for rep in range(args.repeats):
+        bare_runs.append(run_child(Path(sys.executable), args, "bare", batch=OUR_BATCH[size], **paths))
         bergson_runs.append(run_child(bergson_py, args, "bergson", ps=",".join(map(str, ps)), **paths))
         ours_runs.append(run_child(Path(sys.executable), args, "ours", configs=",".join(configs), batch=OUR_BATCH[size],
                                    **paths))
@@ -400,11 +433,14 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
     for label in configs:
         reference = exact["scores"]["linear" if "params" in OURS[label][1] else "all"]
         result["methods"][f"ours_{label}"] = summarise([r[label] for r in ours_runs], reference, args.rows)
+    result["bare_forward_backward"] = {key: round(statistics.median(args.rows / r[field] for r in bare_runs), 2)
+                                       for key, field in (("rows_per_s_compute", "compute_s"), ("rows_per_s_cpu", "cpu_s"))}
     result["rows_per_s_wall"] = {k: round(statistics.median(args.rows / w for w in v), 2) for k, v in walls.items()}
     for name, m in result["methods"].items():
         print(f"[{size}] {name:28s} spearman {m['spearman']:.4f} top10 {m['top10']:.2f}  compute "
               f"{m['rows_per_s_compute']:7.2f} rows/s (cpu {m['rows_per_s_cpu']:7.2f})  {m['bytes_per_row']:7d} B/row",
               flush=True)
+    print(f"[{size}] bare forward/backward (no hooks, no sketch): {result['bare_forward_backward']}", flush=True)
     print(f"[{size}] wall rows/s (CLI, import+load included): {result['rows_per_s_wall']}", flush=True)
     return result
 
@@ -424,12 +460,15 @@ def plot(summary: dict, out: Path) -> None:
             for x, y, name in pts:
                 ax.annotate(name.split("_", 1)[1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.axhline(0.99, color="grey", lw=0.5, ls="--")
+        if "bare_forward_backward" in res:
+            ax.axvline(res["bare_forward_backward"]["rows_per_s_cpu"], color="black", lw=0.8, ls=":",
+                       label="bare forward/backward (no sketch)")
         ax.set_xscale("log")
         ax.set_xlabel("rows/s (build compute, per CPU second, 1 thread)")
         ax.set_ylabel("Spearman of influence scores vs exact")
         name = "SmolLM2-135M" if size == SMOLLM2 else f"{size} Qwen2"
         ax.set_title(f"{name} ({res['params_all'] / 1e6:.1f}M params, {res['rows']} rows), k = {summary['dim']}")
-        ax.legend(loc="lower left")
+        ax.legend(loc="best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -43,6 +43,9 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_FLUSH_ROWS = 256
 #: Manifest column (and part attribute) saying how grad_norm was computed: exact, or sketch (its sketch's norm).
 GRAD_NORM_KIND = "grad_norm_kind"
+#: ``norms`` resolved per projection: factored builds skip exact norms (measured 1.3x faster on
+#: SmolLM2-135M, benchmarks/README.md), per-row builds get exact norms for free.
+AUTO_NORMS = "auto"
 
 
 def check_name(value: str, what: str) -> str:
@@ -81,15 +84,16 @@ class BuildConfig:
     device: str = option("cpu", "Torch device: cpu, cuda or cuda:N.")
     batch_size: int = option(0, "Factored: rows per forward/backward (activation memory grows with it, see the "
                                 "printed estimate); 0: auto, up to 8 rows of --max-length tokens whose logits stay "
-                                "under 2^25 entries (1 row for a 49k vocabulary). Sparse and dense run one row per "
+                                "under 2^24 entries (1 row for a 49k vocabulary). Sparse and dense run one row per "
                                 "backward and do not use it.")
     flush_rows: int = option(DEFAULT_FLUSH_ROWS, "Rows per committed part.", flag="flush-every")
     max_length: int = option(DEFAULT_MAX_LENGTH, "Token limit per row.")
     compressor: str = option(DEFAULT_COMPRESSOR, "none, zstd[:L], blosc-lz4[:L], blosc-zstd[:L].")
     shard: tuple[int, int] = option((0, 1), "Build only shard I of N (disjoint by id).")
     objective: str | ObjectiveOptions = option("sft", "What a sketch is the gradient of (a registered objective).")
-    norms: str = option("exact", "grad_norm: exact per-row gradient norms, or (factored only, faster) each sketch's "
-                                 "norm, unbiased in square; the manifest's grad_norm_kind says which.", choices=NORM_MODES)
+    norms: str = option(AUTO_NORMS, "grad_norm: exact per-row gradient norms, or (factored only, 1.3x faster) each "
+                                    "sketch's norm, unbiased in square; auto: sketch for factored, exact otherwise. The "
+                                    "manifest's grad_norm_kind says which.", choices=(AUTO_NORMS, *NORM_MODES))
     compute_dtype: str = option("float32", "Compute dtype the model is loaded in. bfloat16: 1.4x faster factored builds of "
                                    "SmolLM2 on this CPU, sketches within cosine 0.998 of float32; a checkpoint's "
                                    "sketches are all of one dtype (the model fingerprint includes it).", choices=DTYPES)
@@ -109,8 +113,10 @@ class BuildConfig:
         if count < 1 or not 0 <= index < count:
             raise BadInputError(f"invalid shard {index}/{count}: need 0 <= I < N")
         object.__setattr__(self, "objective", objective_options(self.objective))
-        if self.norms not in NORM_MODES:
-            raise BadInputError(f"unknown gradient norms {self.norms!r}; choose one of {', '.join(NORM_MODES)}")
+        if self.norms not in (AUTO_NORMS, *NORM_MODES):
+            raise BadInputError(f"unknown gradient norms {self.norms!r}; choose one of {AUTO_NORMS}, {', '.join(NORM_MODES)}")
+        if self.norms == AUTO_NORMS:
+            object.__setattr__(self, "norms", "sketch" if self.spec.mode == "factored" else "exact")
         if self.norms == "sketch" and self.spec.mode != "factored":
             raise BadInputError("--norms sketch needs --projection factored (per-row gradients give exact norms for free)")
 

@@ -14,8 +14,9 @@ row's g_t and x_t; padding positions are dropped. ``SFTObjective.batch`` and
 ``POPIObjective.batch`` turn rows into sequences whose losses sum to each row's loss; the
 sequences of a batch run in a few passes of similar lengths (:func:`plan_passes`: at most
 15% padding, at most 2**14 positions per pass). Every parameter is frozen during the pass and
-the input embedding's output is the leaf of the graph, so autograd computes activation
-gradients only, never a weight gradient dW.
+the output of every hooked module not yet in the graph becomes a leaf (the input embedding's,
+or with the embedding left out the first sketched layers'), so autograd computes activation
+gradients only, never a weight gradient dW, and none below the lowest sketched modules.
 
 The sketch of a row, with ``spec.mode == "factored"`` (keep_ratio must be 1):
 
@@ -27,21 +28,23 @@ The sketch of a row, with ``spec.mode == "factored"`` (keep_ratio must be 1):
    layer gets a block of at least 2k entries whatever the number of layers; a side that fits
    (m <= side) is not projected (identity, exact on that side). Larger sides are more faithful
    and cost more: benchmarks/vs_bergson.py measures the curve. P_row and P_col are CountSketch matrices (one
-   +-1 per column: bucket and sign per coordinate), applied with one ``index_add_`` in
-   O(m + n) per token, seeded from ``stable_seed(spec.seed, "factored", name, "row"|"col",
-   size, k)``: nothing to save, identical in every process. With ``spec.factor_version`` 2 (an
-   option; 1, the default, is also what stores from before the field used) the column factor is
-   seeded from the parent module's name instead (factor_projection.py), so modules reading one
-   input (q/k/v, gate/up) share P_col and the streaming path projects that input once per pass:
-   faster, with correlated errors (lower fidelity, measured in benchmarks/README.md).
+   +-1 per column: bucket and sign per coordinate, O(m + n) per token), seeded from
+   ``stable_seed(spec.seed, "factored", name, "row"|"col", size, k)``: nothing to save,
+   identical in every process. ``spec.factor_version`` (factor_projection.py) says how: 3, the
+   default, folds (bucket i mod k, seeded signs: a multiply-add per k-wide slice); 1 (what stores
+   from before the field used) hashes to random buckets with one ``index_add_``; 2 is 1 with the
+   column factor seeded from the parent module's name, so modules reading one input (q/k/v,
+   gate/up) share P_col and the streaming path projects that input once per pass (correlated
+   errors). Fidelity and speed of the three: benchmarks/README.md.
 2. Small vector parameters (biases, RMSNorm/LayerNorm weights) keep their *exact* per-row
    gradient: bias -> sum_t g_t, norm weight w (out = w * z) -> sum_t g_t * z_t, with z the
    normalised input recomputed from the hooked input (checked once per module against the
    module's own output; a norm it cannot reproduce is refused: leave it out with ``params``).
-3. Blocks and vectors are hashed into exactly ``spec.dim`` coordinates by the CountSketch
-   of projection.py (``SparseProjector`` under the derived seed
-   ``stable_seed(spec.seed, "factored", "final")``), one parameter at a time (blocks never
-   pile up in memory), summed in sorted-name order.
+3. Blocks and vectors are hashed into exactly ``spec.dim`` coordinates under the derived seed
+   ``stable_seed(spec.seed, "factored", "final")``, one parameter at a time (blocks never pile
+   up in memory), summed in sorted-name order: version 3 folds each parameter's flattened
+   block at a seeded offset with seeded signs (``FoldedHash``: entry f to (offset + f) mod dim),
+   versions 1 and 2 use the CountSketch of projection.py (``SparseProjector``).
 
 Inner products stay unbiased (E<sketch(a), sketch(b)> = <a, b>), the convention of
 projection.py, so sketch norms and cosines compare with those of the full gradients.
@@ -243,7 +246,6 @@ class FactoredSketcher:
         for name in self.matrices:
             if len(self.shapes[name]) != 2:
                 raise BadInputError(f"factored mode: parameter {name!r} is not a matrix (shape {self.shapes[name]})")
-        self.input_embedding = model.get_input_embeddings()
         self.projection = FactorProjection(spec, self.shapes, self.matrices, self._device())
         self._layout = None
         self._pool: dict[str, torch.Tensor] = {}  # sketch_batch's reusable block accumulators (norms "sketch")
@@ -288,15 +290,12 @@ class FactoredSketcher:
                 record.x = self._store(record.x, x.detach(), torch.float32)
             else:
                 record.x = self._store(record.x, normalised_input(use, x.detach(), output.detach()), torch.float32)
-            if module is self.input_embedding:  # the leaf of the backward graph
+            if not output.requires_grad:  # nothing below is sketched: the backward stops here
                 output = output.detach().requires_grad_(True)
             if output.requires_grad:
                 output.register_hook(self._grad_hook(record))
             return output
         return hook
-
-    def _start_hook(self, module, inputs, output):
-        return output.detach().requires_grad_(True)
 
     # ------------------------------------------------------------------ sketching
     def sketch_rows(self, objective, rows: Sequence[dict], batch_size: int,
@@ -370,8 +369,6 @@ class FactoredSketcher:
         for use in self.uses:
             use.records = []
         handles = [u.module.register_forward_hook(self._module_hook(u)) for u in self.uses]
-        if not any(u.module is self.input_embedding for u in self.uses):
-            handles.append(self.input_embedding.register_forward_hook(self._start_hook))
         try:
             with _frozen(self.model), torch.enable_grad():
                 for index in plan_passes(lengths.tolist()):

@@ -9,7 +9,11 @@ output-gradient hook computes P_row g_t and adds the per-sequence products
 row's block. Padding positions need no masking: right padding and causal attention leave
 their output gradients exactly zero. Nothing is copied into row order, no per-row loop runs,
 and nothing but the (rows, k_r, k_c) blocks outlives a pass; the blocks equal those of the
-exact-norm path (same seeded factors), up to float rounding.
+exact-norm path (same seeded factors), up to float rounding. The output embedding (``lm_head``)
+reads the final hidden states at each sequence's loss positions only (a forward pre-hook
+gathers them: (S, T, d) -> (S, L, d), L the most loss tokens of a sequence in the pass), so the
+vocabulary-wide logits, their gradient and the output layer's factors cost L, not T, positions
+per sequence; a model whose output embedding sees anything else keeps its whole logits.
 
 Modules fed the same input tensor in a pass (q/k/v, gate/up) whose column factors are equal
 (one factor per parent module and input width, factor_projection.py) project it once: the
@@ -110,7 +114,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
                 saved = project_input(x, use.weight)
             elif use.weight is not None:
                 saved = normalised_input(use, x.detach(), output.detach())
-            if module is sketcher.input_embedding:  # the leaf of the backward graph
+            if not output.requires_grad:  # nothing below is sketched: the backward stops here
                 output = output.detach().requires_grad_(True)
             if output.requires_grad:
                 output.register_hook(on_grad(use, saved, state["rows"]))
@@ -128,8 +132,6 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
     head = sketcher.model.get_output_embeddings()
     handles = [head.register_forward_pre_hook(gather_loss_positions)] if isinstance(head, nn.Module) else []
     handles += [u.module.register_forward_hook(on_forward(u)) for u in sketcher.uses]
-    if not any(u.module is sketcher.input_embedding for u in sketcher.uses):
-        handles.append(sketcher.input_embedding.register_forward_hook(sketcher._start_hook))
     try:
         for index in passes:
             ids, mask = batch.padded(index)

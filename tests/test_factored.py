@@ -355,6 +355,45 @@ def test_folded_factors_and_final_hash_follow_their_definition():
                                                                                       final._key("other", 200)[1][:40])
 
 
+def test_streaming_computes_logits_at_loss_tokens_only(model_tok, sft_rows):
+    """The output embedding sees each pass's loss positions, not its padded width (the sketches
+    equal the exact-norm path's: check_sketch_norms)."""
+    model, tok = model_tok
+    batch = SFTObjective(tok).batch(sft_rows)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[:2])))
+    try:
+        FactoredSketcher(model, select_parameters(model), ProjectionSpec(dim=512, mode="factored"),
+                         norms="sketch").sketch_batch(batch)
+    finally:
+        handle.remove()
+    widths = [(len(index), max(len(batch.sequences[int(i)]) for i in index)) for index in plan_passes(
+        [len(s) for s in batch.sequences])]
+    loss_widths = [int(batch.loss_tokens(index)[2].max()) + 1 for index in plan_passes([len(s) for s in batch.sequences])]
+    assert seen == [(n, width) for (n, _), width in zip(widths, loss_widths)]
+    assert all(w < t for (_, t), w in zip(widths, loss_widths))
+
+
+def test_backward_stops_at_the_lowest_sketched_layers(model_tok, sft_rows):
+    """Linear weights only: the embedding's output never enters the graph (the first layer's
+    q/k/v outputs are the leaves: no input gradient below them), and the sketches still equal
+    those of exact gradients."""
+    model, tok = model_tok
+    params = select_parameters(model, ["model.layers.*proj.weight"])
+    objective = SFTObjective(tok)
+    in_graph = []  # whether the first layer's q_proj input (the normalised embedding) needs a gradient
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args: in_graph.append(args[0].requires_grad))
+    try:
+        sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=1024, seed=5, mode="factored"), norms="sketch")
+        result = sketcher.sketch_batch(objective.batch(sft_rows))
+    finally:
+        handle.remove()
+    assert in_graph and not any(in_graph)
+    grads, _ = exact(model, objective, sft_rows, params)
+    assert close(result.sketches, sketcher.projection.reference(grads))
+
+
 def test_streaming_reuses_its_buffers_across_batches(model_tok, sft_rows):
     model, tok = model_tok
     objective = SFTObjective(tok)

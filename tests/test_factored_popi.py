@@ -4,6 +4,8 @@ padding_idx, several passes without padding, the off-policy clip and zero-advant
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -76,11 +78,14 @@ def test_sketch_norms_equal_the_sketch_norm_and_keep_the_sketches(model, popi_ro
 
 
 def test_build_popi_zero_advantage_and_exact_norms(tiny_model, trajectories, tmp_path):
-    def cfg(store, batch_size):
+    def cfg(store, batch_size, norms="exact"):
         return BuildConfig(model=tiny_model, data=None, store=store, checkpoint="theta0", split="pool",
                            spec=ProjectionSpec(dim=1024, mode="factored", dtype="float32"),
-                           objective=POPIOptions(trajectories=trajectories), batch_size=batch_size, flush_rows=4)
+                           objective=POPIOptions(trajectories=trajectories), batch_size=batch_size, flush_rows=4,
+                           norms=norms)
 
+    assert cfg(tmp_path / "a", 1, norms="auto").norms == "sketch"  # the default: factored builds skip exact norms
+    assert replace(cfg(tmp_path / "a", 1), spec=ProjectionSpec(dim=1024), norms="auto").norms == "exact"
     assert build_sketches(cfg(tmp_path / "a", 1), progress=False).added == 6
     assert build_sketches(cfg(tmp_path / "b", 6), progress=False).added == 6
     a, b = SketchStore.open(tmp_path / "a"), SketchStore.open(tmp_path / "b")
