@@ -292,8 +292,7 @@ class FactoredSketcher:
                 record.x = self._store(record.x, normalised_input(use, x.detach(), output.detach()), torch.float32)
             if not output.requires_grad:  # nothing below is sketched: the backward stops here
                 output = output.detach().requires_grad_(True)
-            if output.requires_grad:
-                output.register_hook(self._grad_hook(record))
+            output.register_hook(self._grad_hook(record))
             return output
         return hook
 

@@ -116,8 +116,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
                 saved = normalised_input(use, x.detach(), output.detach())
             if not output.requires_grad:  # nothing below is sketched: the backward stops here
                 output = output.detach().requires_grad_(True)
-            if output.requires_grad:
-                output.register_hook(on_grad(use, saved, state["rows"]))
+            output.register_hook(on_grad(use, saved, state["rows"]))
             return output
         return hook
 
