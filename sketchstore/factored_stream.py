@@ -135,13 +135,13 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
         for index in passes:
             ids, mask = batch.padded(index)
             local, pos, slot = batch.loss_tokens(index)
-            keep = torch.zeros(len(index), max(1, int(slot.max()) + 1 if len(slot) else 1), dtype=torch.long)
+            keep = torch.zeros(len(index), int(slot.max()) + 1 if len(slot) else 1, dtype=torch.long)
             keep[local, slot] = pos
             state.update(rows=seq_rows[index.to(device)], inputs={}, keep=keep.to(device), padded=tuple(ids.shape),
                          gathered=False)
             logits = sketcher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            at = (local, slot) if state["gathered"] else (local, pos)
-            losses = batch.loss_fn(logits[at[0].to(device), at[1].to(device)], index)
+            column = slot if state["gathered"] else pos  # logits at loss positions only, or whole
+            losses = batch.loss_fn(logits[local.to(device), column.to(device)], index)
             del logits
             state["inputs"] = {}
             if losses.requires_grad:
