@@ -327,8 +327,14 @@ def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(m
         assert close(blocks[name], expected[name]), name
     common = dict(model=tiny_model, data=sft_data[1], store=tmp_path / "s", checkpoint="c0", split="val")
     build_sketches(BuildConfig(spec=replace(spec, factor_version=2), **common), progress=False)
+    ids, before = SketchStore.open(tmp_path / "s").read("c0", "val")
     with pytest.raises(SpecMismatchError, match="factor_version 3 != store 2"):
         build_sketches(BuildConfig(spec=spec, **common), progress=False)
+    store = SketchStore.open(tmp_path / "s")  # refused before writing: the store is as it was
+    assert store.spec.factor_version == 2
+    assert torch.equal(store.read("c0", "val", ids=ids)[1], before)
+    with pytest.raises(BadInputError, match="unknown gradient norms 'approx'; choose one of auto, exact, sketch"):
+        BuildConfig(spec=spec, norms="approx", **common)
 
 
 def test_folded_factors_and_final_hash_follow_their_definition():
