@@ -70,8 +70,9 @@ in torch). When ``lm_head`` shares the embedding's parameter (tied), both uses c
 the one parameter name, projected with the same P_row (vocab side) and P_col (hidden side)
 and added in that projected space: the block is exactly P_row (G_head + G_embed) P_col^T.
 
-With ``norms="sketch"`` the blocks are accumulated during the backward pass instead
-(factored_stream.py): each call's factors are projected in its hooks and multiplied per pass.
+With ``norms="sketch"`` each call's block is computed and hashed during the backward pass
+instead (factored_stream.py): its factors are projected in its hooks, multiplied per pass, and
+the final hash (linear) adds the block to the pass's sketches; no block outlives its hook.
 
 Gradient norms (``norms``). ``"exact"`` (default): exact per-row ||g|| (the catalog uses
 grad_norm == 0 for zero-gradient rows; a POPI prompt whose advantages are all zero has no
@@ -248,7 +249,7 @@ class FactoredSketcher:
                 raise BadInputError(f"factored mode: parameter {name!r} is not a matrix (shape {self.shapes[name]})")
         self.projection = FactorProjection(spec, self.shapes, self.matrices, self._device())
         self._layout = None
-        self._pool: dict[str, torch.Tensor] = {}  # sketch_batch's reusable block accumulators (norms "sketch")
+        self._pool: dict[str, torch.Tensor] = {}  # the streaming path's scratch buffers (norms "sketch")
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -318,11 +319,10 @@ class FactoredSketcher:
         """Sketches, gradient norms (exact or sketch, per ``norms``), token counts and losses of
         one SequenceBatch."""
         sketches = torch.zeros(batch.n_rows, self.spec.dim, device=self._device())
-
-        def add(name: str, value: torch.Tensor) -> None:  # called in sorted-name order
-            self.projection.accumulate(sketches, name, value)
-
-        sq_norms, losses = self._run(batch, add, self._pool)
+        if self.norms == "sketch":  # no exact norms: blocks hashed during backward (factored_stream.py)
+            sq_norms, losses = None, self._stream(batch, sketches)
+        else:
+            sq_norms, losses = self._run(batch, lambda name, value: self.projection.accumulate(sketches, name, value))
         sketches = sketches.cpu()
         norms = sketches.norm(dim=1) if sq_norms is None else sq_norms.clamp_min(0).sqrt()
         return SketchedRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
@@ -330,17 +330,24 @@ class FactoredSketcher:
     def blocks(self, batch: SequenceBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, list[float]]:
         """(name -> (R, k_r, k_c) block or (R, m) exact vector, (R,) float64 squared exact
         gradient norms (None with norms ``sketch``), per-row losses) of one batch of R rows (for
-        checks: holds every block at once)."""
+        checks: holds every block at once; the streaming path of norms ``sketch`` never does)."""
         out: dict[str, torch.Tensor] = {}
         sq_norms, losses = self._run(batch, out.__setitem__)
         return out, sq_norms, losses
 
-    def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object],
-             pool: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, list[float]]:
+    def _stream(self, batch: SequenceBatch, sketches: torch.Tensor) -> list[float]:
+        """Per-row losses; each row's sketch added into ``sketches`` as the passes run."""
+        if batch.n_sequences == 0:
+            return [0.0] * batch.n_rows
+        passes = plan_passes([len(q) for q in batch.sequences])
+        with _frozen(self.model), torch.enable_grad():
+            return stream_batch(self, batch, passes, sketches, self._pool)
+
+    def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object]
+             ) -> tuple[torch.Tensor | None, list[float]]:
         """Run the batch; ``emit(name, block or vector)`` for every selected parameter in sorted
         name order (blocks are (R, k_r, k_c), vectors (R, m)); returns ((R,) float64 squared
-        exact gradient norms or None (norms ``sketch``), per-row losses). ``pool``: reusable
-        accumulators for the streaming path (emitted blocks are then only valid during ``emit``).
+        exact gradient norms or None (norms ``sketch``), per-row losses).
 
         The batch's sequences run in a few passes (one forward + one backward each) of similar
         lengths, so little compute goes to padding (see :func:`plan_passes`); hooks write each
@@ -356,9 +363,6 @@ class FactoredSketcher:
         if bool((seq_rows[1:] < seq_rows[:-1]).any()):
             raise BadInputError("sequence batch: sequences must be grouped by row, in row order")
         lengths = torch.tensor([len(q) for q in batch.sequences], dtype=torch.long)
-        if self.norms == "sketch":  # no exact norms: blocks accumulate during backward (factored_stream.py)
-            with _frozen(self.model), torch.enable_grad():
-                return None, stream_batch(self, batch, plan_passes(lengths.tolist()), emit, pool)
         offsets = (torch.cumsum(lengths, 0) - lengths).to(device)  # row order = sequence order
         tok_row = torch.repeat_interleave(seq_rows, lengths).to(device)
         counts = torch.bincount(seq_rows, weights=lengths.double(), minlength=R).long().tolist()

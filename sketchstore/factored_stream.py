@@ -1,30 +1,34 @@
-"""Factored sketches accumulated during the backward pass (``norms="sketch"``, factored.py).
+"""Factored sketches hashed during the backward pass (``norms="sketch"``, factored.py).
 
 Without exact norms no row needs its unprojected factors after the pass, so every hooked
-call's factors are projected where they appear and multiplied at once, as Bergson's
-per-module collector does: the forward hook keeps P_col x_t of a linear layer for all S x T
-positions of the pass (the input ids of an embedding, the normalised input of a norm), the
-output-gradient hook computes P_row g_t and adds the per-sequence products
-(P_row g_t)(P_col x_t)^T, one batched matrix product of (S, k_r, T) by (S, T, k_c), into its
-row's block. Padding positions need no masking: right padding and causal attention leave
-their output gradients exactly zero. Nothing is copied into row order, no per-row loop runs,
-and nothing but the (rows, k_r, k_c) blocks outlives a pass; the blocks equal those of the
-exact-norm path (same seeded factors), up to float rounding. The output embedding (``lm_head``)
-reads the final hidden states at each sequence's loss positions only (a forward pre-hook
-gathers them: (S, T, d) -> (S, L, d), L the most loss tokens of a sequence in the pass), so the
-vocabulary-wide logits, their gradient and the output layer's factors cost L, not T, positions
-per sequence; a model whose output embedding sees anything else keeps its whole logits.
+call's factors are projected where they appear, multiplied, and hashed into the sketch at
+once: the forward hook keeps P_col x_t of a linear layer for all S x T positions of the pass
+(the input ids of an embedding, the normalised input of a norm), the output-gradient hook
+computes P_row g_t, the per-sequence block sum_t (P_row g_t)(P_col x_t)^T (one batched matrix
+product of (S, k_r, T) by (S, T, k_c), written into one reused scratch buffer) and adds its
+final hash to the pass's (S, k) sketches; after the backward those are added to their rows'.
+The final hash is linear, so hashing each call's block as it appears equals hashing the sum
+of the blocks (tied weights, a row's several sequences), up to float rounding; only a
+(S, k_r, k_c) scratch and the (S, k) pass sketches exist at any time: no per-row block
+accumulators (at 29 matrices of 128 x 128 and 32 rows, 58 MB written, re-read and zeroed per
+batch, which cost more than the block products themselves: benchmarks/README.md). Padding
+positions need no masking: right padding and causal attention leave their output gradients
+exactly zero. The output embedding (``lm_head``) reads the final hidden states at each
+sequence's loss positions only (a forward pre-hook gathers them: (S, T, d) -> (S, L, d), L the
+most loss tokens of a sequence in the pass), so the vocabulary-wide logits, their gradient and
+the output layer's factors cost L, not T, positions per sequence; a model whose output
+embedding sees anything else keeps its whole logits.
 
 Modules fed the same input tensor in a pass (q/k/v, gate/up) whose column factors are equal
-(one factor per parent module and input width, factor_projection.py) project it once: the
-projection is cached per pass by (input tensor, factor). The blocks accumulate in ``pool``
-when given (the sketcher's buffers, reused across batches): fresh (rows, k_r, k_c) buffers per
-batch cost more in page faults than their products (measured: 176k minor faults per 256 rows).
+(one factor per parent module and input width, factor_version 2: factor_projection.py) project
+it once: the projection is cached per pass by (input tensor, factor). The scratch buffers live
+in ``pool`` when given (the sketcher's, reused across batches: fresh buffers per batch cost
+page faults).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,57 +38,63 @@ from .normalised import normalised_input
 from .sequences import SequenceBatch
 
 
-def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
-                 emit: Callable[[str, torch.Tensor], object], pool: dict[str, torch.Tensor] | None = None) -> list[float]:
+def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor], sketches: torch.Tensor,
+                 pool: dict[str, torch.Tensor] | None = None) -> list[float]:
     """Run ``batch`` in ``passes`` (sequence indices) with every parameter frozen (the caller's
-    job); ``emit(name, (R, k_r, k_c) block or (R, m) vector)`` per selected parameter in sorted
-    name order; returns per-row losses. ``pool``: name -> reusable accumulator (rows >= R; the
-    emitted blocks are views into it, valid until the next call). ``sketcher``: the FactoredSketcher whose hooked modules
-    (``uses``), factors (``projection``) and norm check (:func:`sketchstore.normalised.normalised_input`) are used."""
+    job), adding each row's sketch into ``sketches`` (R, dim); returns per-row losses. ``pool``:
+    reusable scratch buffers (name -> flat tensor). ``sketcher``: the FactoredSketcher whose hooked
+    modules (``uses``), factors and final hash (``projection``) and norm check
+    (:func:`sketchstore.normalised.normalised_input`) are used."""
     R = batch.n_rows
     device = sketcher._device()
     projection = sketcher.projection
-    acc: dict[str, torch.Tensor] = {}
+    pool = {} if pool is None else pool
     state: dict = {}
     seq_rows = batch.seq_rows.to(device)
     row_loss = torch.zeros(R, dtype=torch.float64)
 
-    def accumulator(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        if name not in acc:
-            if pool is None:
-                acc[name] = like.new_zeros((R,) + shape)
-            else:
-                if name not in pool or pool[name].shape[0] < R or tuple(pool[name].shape[1:]) != shape:
-                    pool[name] = like.new_empty((R,) + shape)
-                acc[name] = pool[name][:R].zero_()
-        return acc[name]
+    def scratch(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reused buffer of ``shape`` (uninitialised), grown when too small."""
+        size = 1
+        for s in shape:
+            size *= s
+        if key not in pool or pool[key].numel() < size:
+            pool[key] = torch.empty(size, device=device)
+        return pool[key][:size].view(shape)
 
-    def add(name: str, rows: torch.Tensor, value: torch.Tensor) -> None:
-        accumulator(name, tuple(value.shape[1:]), value).index_add_(0, rows, value)
+    def hash_into(name: str, value: torch.Tensor) -> None:
+        projection.accumulate(state["sketch"], name, value)
 
-    def sketches(name: str):
-        return projection.sketch(name, "row"), projection.sketch(name, "col")
+    factors: dict[str, tuple] = {}
 
-    def on_grad(use, saved, rows):
+    def sketches_of(name: str):
+        """(P_row, P_col) of matrix ``name`` (looked up once per batch)."""
+        if name not in factors:
+            factors[name] = projection.sketch(name, "row"), projection.sketch(name, "col")
+        return factors[name]
+
+    def on_grad(use, saved):
         def hook(grad):
             g = grad.detach().float()
             if use.bias:
-                add(use.bias, rows, g.sum(1))
+                hash_into(use.bias, g.sum(1))
             if use.weight is None:
                 return
             if use.kind == "linear":
-                gp = apply_sketch(g, sketches(use.weight)[0])  # (S, T, k_r)
-                add(use.weight, rows, torch.bmm(gp.transpose(1, 2), saved))
+                gp = apply_sketch(g, sketches_of(use.weight)[0])  # (S, T, k_r)
+                block = scratch("block", (gp.shape[0], gp.shape[2], saved.shape[2]))
+                hash_into(use.weight, torch.bmm(gp.transpose(1, 2), saved, out=block))
             elif use.kind == "embedding":
-                add_lookup(use.weight, saved, g, rows)
+                hash_into(use.weight, lookup_block(use.weight, saved, g))
             else:
-                add(use.weight, rows, (g * saved).sum(1))
+                hash_into(use.weight, (g * saved).sum(1))
         return hook
 
-    def add_lookup(name, ids, g, rows):
-        """Block rows P_row[:, id] += (P_col g)^T: a signed row lookup per token."""
-        row_sketch, col_sketch = sketches(name)
+    def lookup_block(name, ids, g):
+        """Per-sequence blocks with rows P_row[:, id] += (P_col g)^T: a signed row lookup per token."""
+        row_sketch, col_sketch = sketches_of(name)
         k_r, k_c = projection.block_shape(name)
+        S = ids.shape[0]
         gp = apply_sketch(g, col_sketch)  # (S, T, k_c)
         gp = torch.where((ids >= 0)[..., None], gp, torch.zeros_like(gp))  # padding_idx: no gradient
         ids = ids.clamp_min(0)
@@ -93,12 +103,13 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
         else:
             bucket, negative = row_sketch.lookup(ids)
             gp = torch.where(negative[..., None], -gp, gp)
-        flat = (rows[:, None] * k_r + bucket).reshape(-1)
-        accumulator(name, (k_r, k_c), gp).view(R * k_r, k_c).index_add_(0, flat, gp.reshape(-1, k_c))
+        flat = (torch.arange(S, device=device)[:, None] * k_r + bucket).reshape(-1)
+        block = scratch("block", (S * k_r, k_c)).zero_()
+        return block.index_add_(0, flat, gp.reshape(-1, k_c)).view(S, k_r, k_c)
 
     def project_input(x: torch.Tensor, name: str) -> torch.Tensor:
         """P_col x, once per (input tensor, factor) and pass (the cache holds x, so its id stays unique)."""
-        col_sketch = sketches(name)[1]
+        col_sketch = sketches_of(name)[1]
         key = (id(x), id(col_sketch))
         if key not in state["inputs"]:
             state["inputs"][key] = (x, apply_sketch(x.detach().float(), col_sketch))
@@ -116,7 +127,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
                 saved = normalised_input(use, x.detach(), output.detach())
             if not output.requires_grad:  # nothing below is sketched: the backward stops here
                 output = output.detach().requires_grad_(True)
-            output.register_hook(on_grad(use, saved, state["rows"]))
+            output.register_hook(on_grad(use, saved))
             return output
         return hook
 
@@ -137,8 +148,8 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             local, pos, slot = batch.loss_tokens(index)
             keep = torch.zeros(len(index), int(slot.max()) + 1 if len(slot) else 1, dtype=torch.long)
             keep[local, slot] = pos
-            state.update(rows=seq_rows[index.to(device)], inputs={}, keep=keep.to(device), padded=tuple(ids.shape),
-                         gathered=False)
+            state.update(inputs={}, keep=keep.to(device), padded=tuple(ids.shape), gathered=False,
+                         sketch=scratch("pass", (len(index), sketches.shape[1])).zero_())
             logits = sketcher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             column = slot if state["gathered"] else pos  # logits at loss positions only, or whole
             losses = batch.loss_fn(logits[local.to(device), column.to(device)], index)
@@ -146,11 +157,9 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             state["inputs"] = {}
             if losses.requires_grad:
                 losses.sum().backward()
+            sketches.index_add_(0, seq_rows[index.to(device)], state["sketch"])
             row_loss.index_add_(0, batch.seq_rows[index].cpu(), losses.detach().double().cpu())
     finally:
         for h in handles:
             h.remove()
-    for name in sorted(n for n, _ in sketcher.params):
-        value = acc.pop(name, None)
-        emit(name, value if value is not None else sketcher._zeros(name, R))
     return row_loss.tolist()

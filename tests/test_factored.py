@@ -325,6 +325,8 @@ def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(m
     expected = kronecker(sketcher, grads)
     for name in expected:
         assert close(blocks[name], expected[name]), name
+    streamed = sketcher.sketch_batch(SFTObjective(tok).batch(sft_rows)).sketches
+    assert close(streamed, sketcher.projection.reference(grads))
     common = dict(model=tiny_model, data=sft_data[1], store=tmp_path / "s", checkpoint="c0", split="val")
     build_sketches(BuildConfig(spec=replace(spec, factor_version=2), **common), progress=False)
     ids, before = SketchStore.open(tmp_path / "s").read("c0", "val")
@@ -410,4 +412,6 @@ def test_streaming_reuses_its_buffers_across_batches(model_tok, sft_rows):
     again = sketcher.sketch_batch(objective.batch(sft_rows)).sketches
     fresh = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
     assert torch.equal(first, again) and close(few, first[:2], rtol=1e-5)
+    # blocks are hashed as they appear: one block scratch and the pass's sketches, not a buffer per parameter
+    assert sorted(sketcher._pool) == ["block", "pass"]
     assert torch.equal(fresh.sketch_batch(objective.batch(sft_rows)).sketches, first)
