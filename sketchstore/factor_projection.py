@@ -106,6 +106,15 @@ class FoldedHash:
             self._keys[(name, size)] = offset, sign.to(self.device)
         return self._keys[(name, size)]
 
+    @property
+    def accumulator_width(self) -> int:
+        """Columns of the accumulator of :meth:`accumulate`: the sketch itself."""
+        return self.dim
+
+    def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        """The sketches of an accumulator filled by :meth:`accumulate` (itself)."""
+        return acc
+
     def accumulate(self, out: torch.Tensor, name: str, value: torch.Tensor) -> None:
         """out (R, dim) += the hash of ``value`` (R, ...), the blocks or vectors of parameter ``name``."""
         flat = value.reshape(value.shape[0], -1).to(out.dtype)
@@ -171,12 +180,18 @@ class FactorProjection:
                 self._sketches[key] = CountSketch(size, k, self.rule.buckets, gen, self.device)
         return self._sketches[key]
 
-    def accumulate(self, sketches: torch.Tensor, name: str, value: torch.Tensor) -> None:
-        """sketches (R, dim) += the final hash of parameter ``name``'s blocks or vectors ``value`` (R, ...)."""
-        if isinstance(self.final, FoldedHash):
-            self.final.accumulate(sketches, name, value)
-        else:
-            sketches.add_(self.final.project({name: value}))
+    def accumulator(self, rows: int) -> torch.Tensor:
+        """A zero accumulator of ``rows`` sketches for :meth:`accumulate` (the final hash's form:
+        the sketches themselves for version 3, signed bucket sums for 1 and 2)."""
+        return torch.zeros(rows, self.final.accumulator_width, device=self.device)
+
+    def accumulate(self, acc: torch.Tensor, name: str, value: torch.Tensor) -> None:
+        """acc += the final hash of parameter ``name``'s blocks or vectors ``value`` (R, ...)."""
+        self.final.accumulate(acc, name, value)
+
+    def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        """The (R, dim) sketches of an accumulator."""
+        return self.final.finish(acc)
 
     def factor(self, name: str, side: str) -> torch.Tensor | None:
         """The factor as a dense (k, size) matrix, or None for identity. For checks."""

@@ -318,12 +318,12 @@ class FactoredSketcher:
     def sketch_batch(self, batch: SequenceBatch) -> SketchedRows:
         """Sketches, gradient norms (exact or sketch, per ``norms``), token counts and losses of
         one SequenceBatch."""
-        sketches = torch.zeros(batch.n_rows, self.spec.dim, device=self._device())
+        acc = self.projection.accumulator(batch.n_rows)
         if self.norms == "sketch":  # no exact norms: blocks hashed during backward (factored_stream.py)
-            sq_norms, losses = None, self._stream(batch, sketches)
+            sq_norms, losses = None, self._stream(batch, acc)
         else:
-            sq_norms, losses = self._run(batch, lambda name, value: self.projection.accumulate(sketches, name, value))
-        sketches = sketches.cpu()
+            sq_norms, losses = self._run(batch, lambda name, value: self.projection.accumulate(acc, name, value))
+        sketches = self.projection.finish(acc).cpu()
         norms = sketches.norm(dim=1) if sq_norms is None else sq_norms.clamp_min(0).sqrt()
         return SketchedRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
 
@@ -335,13 +335,13 @@ class FactoredSketcher:
         sq_norms, losses = self._run(batch, out.__setitem__)
         return out, sq_norms, losses
 
-    def _stream(self, batch: SequenceBatch, sketches: torch.Tensor) -> list[float]:
-        """Per-row losses; each row's sketch added into ``sketches`` as the passes run."""
+    def _stream(self, batch: SequenceBatch, acc: torch.Tensor) -> list[float]:
+        """Per-row losses; each row's hashed blocks added into the accumulator ``acc`` as the passes run."""
         if batch.n_sequences == 0:
             return [0.0] * batch.n_rows
         passes = plan_passes([len(q) for q in batch.sequences])
         with _frozen(self.model), torch.enable_grad():
-            return stream_batch(self, batch, passes, sketches, self._pool)
+            return stream_batch(self, batch, passes, acc, self._pool)
 
     def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object]
              ) -> tuple[torch.Tensor | None, list[float]]:

@@ -6,7 +6,8 @@ once: the forward hook keeps P_col x_t of a linear layer for all S x T positions
 (the input ids of an embedding, the normalised input of a norm), the output-gradient hook
 computes P_row g_t, the per-sequence block sum_t (P_row g_t)(P_col x_t)^T (one batched matrix
 product of (S, k_r, T) by (S, T, k_c), written into one reused scratch buffer) and adds its
-final hash to the pass's (S, k) sketches; after the backward those are added to their rows'.
+final hash to the pass's (S, k) sketches (its accumulator: signed bucket sums of 2k columns for
+factor versions 1 and 2); after the backward those are added to their rows'.
 The final hash is linear, so hashing each call's block as it appears equals hashing the sum
 of the blocks (tied weights, a row's several sequences), up to float rounding; only a
 (S, k_r, k_c) scratch and the (S, k) pass sketches exist at any time: no per-row block
@@ -38,10 +39,11 @@ from .normalised import normalised_input
 from .sequences import SequenceBatch
 
 
-def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor], sketches: torch.Tensor,
+def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor], acc: torch.Tensor,
                  pool: dict[str, torch.Tensor] | None = None) -> list[float]:
     """Run ``batch`` in ``passes`` (sequence indices) with every parameter frozen (the caller's
-    job), adding each row's sketch into ``sketches`` (R, dim); returns per-row losses. ``pool``:
+    job), adding each row's hashed blocks into ``acc`` (R rows of the final hash's accumulator:
+    ``FactorProjection.accumulator``); returns per-row losses. ``pool``:
     reusable scratch buffers (name -> flat tensor). ``sketcher``: the FactoredSketcher whose hooked
     modules (``uses``), factors and final hash (``projection``) and norm check
     (:func:`sketchstore.normalised.normalised_input`) are used."""
@@ -149,7 +151,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             keep = torch.zeros(len(index), int(slot.max()) + 1 if len(slot) else 1, dtype=torch.long)
             keep[local, slot] = pos
             state.update(inputs={}, keep=keep.to(device), padded=tuple(ids.shape), gathered=False,
-                         sketch=scratch("pass", (len(index), sketches.shape[1])).zero_())
+                         sketch=scratch("pass", (len(index), acc.shape[1])).zero_())
             logits = sketcher.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             column = slot if state["gathered"] else pos  # logits at loss positions only, or whole
             losses = batch.loss_fn(logits[local.to(device), column.to(device)], index)
@@ -157,7 +159,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             state["inputs"] = {}
             if losses.requires_grad:
                 losses.sum().backward()
-            sketches.index_add_(0, seq_rows[index.to(device)], state["sketch"])
+            acc.index_add_(0, seq_rows[index.to(device)], state["sketch"])
             row_loss.index_add_(0, batch.seq_rows[index].cpu(), losses.detach().double().cpu())
     finally:
         for h in handles:

@@ -405,13 +405,34 @@ class SparseProjector(Projector):
             )
         return buf[0][:cols], buf[1][:cols], buf[2][: rows * cols].view(rows, cols)
 
-    def _block_acc(self, name: str, flat: torch.Tensor, numel: int, block: int) -> torch.Tensor:
-        """(rows, 2k) float32 accumulator of one hash block of one parameter."""
+    @property
+    def accumulator_width(self) -> int:
+        """Columns of the accumulator of :meth:`accumulate`: bucket sums of the positive-sign
+        entries, then of the negative ones (:meth:`finish` subtracts them)."""
+        return 2 * self.dim
+
+    def accumulate(self, acc: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        """acc (B, 2 dim) += parameter ``name``'s rows ``grad`` (B, *shape) hashed to their
+        buckets, on the calling thread: for many small calls (a factored build's blocks, one per
+        hook), finished once by :meth:`finish`."""
+        flat = _flat_rows(grad)
+        numel = flat.shape[1]
+        for block in range(-(-numel // HASH_BLOCK)):
+            self._block_acc(name, flat, numel, block, acc)
+
+    def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        """The (B, dim) sketches of an accumulator filled by :meth:`accumulate`."""
+        return self._finish(acc)
+
+    def _block_acc(self, name: str, flat: torch.Tensor, numel: int, block: int,
+                   acc: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, 2k) float32 accumulator of one hash block of one parameter (added into ``acc``)."""
         rows = flat.shape[0]
         kept, codes = self._codes(name, numel, block)
         start = block * HASH_BLOCK
         stop = min(numel, start + HASH_BLOCK)
-        acc = torch.zeros(rows, 2 * self.dim, dtype=torch.float32, device=flat.device)
+        if acc is None:
+            acc = torch.zeros(rows, 2 * self.dim, dtype=torch.float32, device=flat.device)
         seg = flat[:, start:stop]
         n = seg.shape[1] if kept is None else kept.numel()
         # rows x cols <= _CHUNK_VALUES values per chunk (16 MB of float32): bounded memory.
