@@ -65,8 +65,10 @@ MODELS = ("tiny", "small")
 #: The real model option (not built: a local Hugging Face checkpoint).
 SMOLLM2 = "smollm2"
 SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
-#: Our rows per forward/backward per model (SmolLM2's 49k-vocabulary logits make large passes slow).
-OUR_BATCH = {"tiny": 32, "small": 32, SMOLLM2: 8}
+#: Our rows per forward/backward per model (SmolLM2's 49k-vocabulary logits make large passes slow;
+#: on the 4-layer model 16 length-sorted rows per pass ran 75.6 rows/cpu-s against 62.5 at 32, whose
+#: (32, 128, 128) block scratch leaves the core's cache, and 70.5 at 8: benchmarks/README.md).
+OUR_BATCH = {"tiny": 32, "small": 16, SMOLLM2: 8}
 #: Our configurations not run per model (sparse needs each row's full 135M gradient: minutes per run).
 SKIP = {SMOLLM2: ("sparse",)}
 DIM = 8192
@@ -283,11 +285,12 @@ def child_ours(args) -> dict:
 
 
 def child_bare(args) -> dict:
-    """The floor of both tools: a frozen forward and input-gradient backward of the same passes
+    """The floor of both tools: a frozen forward and input-gradient backward of our passes
     (our loss at the loss tokens, the embedding's output as the leaf), no hooks, no sketch."""
     import torch
 
-    from sketchstore.factored import _frozen, plan_passes
+    from sketchstore.build import DEFAULT_FLUSH_ROWS
+    from sketchstore.factored import SORT_ROWS, _frozen, plan_passes
     from sketchstore.gradients import load_model
     from sketchstore.sft import SFTObjective
 
@@ -296,11 +299,12 @@ def child_bare(args) -> dict:
     rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
     timer = Timer()
     leaf = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    window = min(DEFAULT_FLUSH_ROWS, SORT_ROWS)  # the build's batches with --norms sketch (one SFT sequence per row)
     with _frozen(model), torch.enable_grad():
-        for lo in range(0, len(rows), int(args.batch)):
-            batch = objective.batch(rows[lo:lo + int(args.batch)])
+        for lo in range(0, len(rows), window):
+            batch = objective.batch(rows[lo:lo + window])
             with timer:
-                for index in plan_passes([len(q) for q in batch.sequences]):
+                for index in plan_passes([len(q) for q in batch.sequences], max_sequences=int(args.batch)):
                     ids, mask = batch.padded(index)
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     batch.loss_fn(batch.token_logits(logits, index), index).sum().backward()

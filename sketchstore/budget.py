@@ -7,7 +7,7 @@ the rows' token counts (the objective's batched form encodes them without runnin
   tied embedding's gradient waits for its last use, so twice the largest parameter is counted;
   factored mode computes no weight gradient;
 * activations of the largest forward (per-row modes: one row's sequences, padded; factored: the
-  largest pass of plan_passes over a batch; counted against host memory on CPU only): per token, ACTIVATION_WIDTHS hidden-sized and
+  largest pass of plan_passes, sorted over a window of rows or within a batch; counted against host memory on CPU only): per token, ACTIVATION_WIDTHS hidden-sized and
   intermediate-sized float32 tensors per layer and LOGIT_COPIES vocabulary-sized ones;
 * the sparse projector's cache of bucket codes (2 bytes per coordinate, up to its bound);
 * the sketches of one part (flush rows x dim float32, twice: sketches and their storage copy).
@@ -26,7 +26,7 @@ from typing import Sequence
 from torch import nn
 
 from .errors import BadInputError
-from .factored import plan_passes
+from .factored import SORT_ROWS, plan_passes
 from .objectives import Objective
 from .projection import SparseProjector
 from .spec import ProjectionSpec
@@ -73,8 +73,10 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _forward_tokens(objective: Objective, rows: Sequence[dict], mode: str, batch_size: int) -> int:
-    """Padded token positions of the largest forward the build will run."""
+def _forward_tokens(objective: Objective, rows: Sequence[dict], mode: str, batch_size: int, flush_rows: int) -> int:
+    """Padded token positions of the largest forward the build will run (factored: the larger of
+    the passes sorted over a window of rows, norms "sketch", and those of batch_size-row batches
+    in file order, exact norms; see FactoredSketcher.sketch_rows)."""
     if not rows:
         return 0
     if mode != "factored":
@@ -84,10 +86,19 @@ def _forward_tokens(objective: Objective, rows: Sequence[dict], mode: str, batch
             widest = max(widest, len(lengths) * max(lengths, default=0))
         return widest
     largest = 0
-    for lo in range(0, len(rows), batch_size):
-        lengths = [len(q) for q in objective.batch(list(rows[lo:lo + batch_size])).sequences]
-        for index in plan_passes(lengths):
-            largest = max(largest, len(index) * max(lengths[i] for i in index.tolist()))
+    window = min(flush_rows, SORT_ROWS)
+    for lo in range(0, len(rows), window):
+        batch = objective.batch(list(rows[lo:lo + window]))
+        lengths = [len(q) for q in batch.sequences]
+        seq_rows = batch.seq_rows.tolist()
+        per_row = -(-len(lengths) // max(1, batch.n_rows))
+        groups = [p.tolist() for p in plan_passes(lengths, max_sequences=batch_size * per_row)]
+        for first in range(0, batch.n_rows, batch_size):
+            members = [s for s, r in enumerate(seq_rows) if first <= r < first + batch_size]
+            groups += [[members[i] for i in p.tolist()] for p in plan_passes([lengths[s] for s in members])]
+        for group in groups:
+            if group:
+                largest = max(largest, len(group) * max(lengths[s] for s in group))
     return largest
 
 
@@ -99,7 +110,7 @@ def estimate_memory(model: nn.Module, params: Sequence[tuple[str, nn.Parameter]]
     inner = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    tokens = _forward_tokens(objective, rows, spec.mode, batch_size)
+    tokens = _forward_tokens(objective, rows, spec.mode, batch_size, flush_rows)
     per_token = layers * (ACTIVATION_WIDTHS[0] * hidden + ACTIVATION_WIDTHS[1] * inner) + LOGIT_COPIES * vocab
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max((p.numel() for _, p in params), default=0)

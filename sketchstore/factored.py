@@ -13,7 +13,9 @@ never interact (causal attention, right padding), so each row's tokens carry exa
 row's g_t and x_t; padding positions are dropped. ``SFTObjective.batch`` and
 ``POPIObjective.batch`` turn rows into sequences whose losses sum to each row's loss; the
 sequences of a batch run in a few passes of similar lengths (:func:`plan_passes`: at most
-15% padding, at most 2**14 positions per pass). Every parameter is frozen during the pass and
+15% padding, at most 2**14 positions and ``batch_size`` rows' sequences per pass; with
+``norms="sketch"`` a batch is up to SORT_ROWS rows, so a pass takes its sequences from all of
+them, longest first, as Bergson's batch allocation sorts documents by length). Every parameter is frozen during the pass and
 the output of every hooked module not yet in the graph becomes a leaf (the input embedding's,
 or with the embedding left out the first sketched layers'), so autograd computes activation
 gradients only, never a weight gradient dW, and none below the lowest sketched modules.
@@ -130,14 +132,20 @@ __all__ = ["FactoredSketcher", "NORM_MODES", "plan_passes"]
 PASS_TOKENS = 1 << 14
 #: Largest fraction of a pass's positions that may be padding before a new pass starts.
 PASS_WASTE = 0.15
+#: Rows tokenised into one batch by ``sketch_rows`` with norms "sketch": its passes group
+#: sequences of similar lengths across all of them (13% padding in batches of 32 SFT rows of
+#: the benchmarks' word problems, 5% sorted over 256; benchmarks/README.md).
+SORT_ROWS = 1024
 #: ``norms`` of FactoredSketcher: exact per-row gradient norms, or the norm of each row's sketch.
 NORM_MODES = ("exact", "sketch")
 
 
-def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: float | None = None) -> list[torch.Tensor]:
+def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: float | None = None,
+                max_sequences: int | None = None) -> list[torch.Tensor]:
     """Sequence indices grouped into passes: longest first, a new pass whenever padding would
-    exceed ``waste`` of a pass's positions (default PASS_WASTE) or the pass would exceed
-    ``max_tokens`` positions (default PASS_TOKENS); indices ascending within a pass."""
+    exceed ``waste`` of a pass's positions (default PASS_WASTE), the pass would exceed
+    ``max_tokens`` positions (default PASS_TOKENS) or hold more than ``max_sequences`` sequences
+    (default: no limit); indices ascending within a pass."""
     max_tokens = PASS_TOKENS if max_tokens is None else max_tokens
     waste = PASS_WASTE if waste is None else waste
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -146,7 +154,8 @@ def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: fl
         if current:
             width = lengths[current[0]]
             size = (len(current) + 1) * width
-            if size > max_tokens or real + lengths[i] < (1 - waste) * size:
+            if (size > max_tokens or real + lengths[i] < (1 - waste) * size
+                    or (max_sequences is not None and len(current) >= max_sequences)):
                 passes.append(current)
                 current, real = [], 0
         current.append(i)
@@ -300,29 +309,35 @@ class FactoredSketcher:
     # ------------------------------------------------------------------ sketching
     def sketch_rows(self, objective, rows: Sequence[dict], batch_size: int,
                     on_row: Callable[[int], object] | None = None) -> SketchedRows:
-        """Sketch ``rows`` in batches of ``batch_size`` rows (one forward/backward per batch)."""
+        """Sketch ``rows`` with at most ``batch_size`` rows' sequences per forward/backward pass.
+        With norms ``sketch`` up to SORT_ROWS rows form one batch, so its passes group sequences of
+        similar lengths (little padding); exact norms hold a batch's factors until its end, so
+        their batches are ``batch_size`` rows. ``on_row(n)``: n more rows are done."""
         if not hasattr(objective, "batch"):
             raise BadInputError(f"objective {getattr(objective, 'name', objective)!r} has no batched form "
                                 "(needed by --projection factored)")
+        window = SORT_ROWS if self.norms == "sketch" else batch_size
         parts = []
-        for lo in range(0, len(rows), batch_size):
-            chunk = rows[lo:lo + batch_size]
-            parts.append(self.sketch_batch(objective.batch(chunk)))
-            if on_row is not None:
-                on_row(len(chunk))
+        for lo in range(0, len(rows), window):
+            parts.append(self.sketch_batch(objective.batch(rows[lo:lo + window]), batch_size, on_row))
         if not parts:
             return SketchedRows(torch.zeros(0, self.spec.dim), [], [], [])
         return SketchedRows(torch.cat([p.sketches for p in parts]), [x for p in parts for x in p.grad_norms],
                             [x for p in parts for x in p.n_tokens], [x for p in parts for x in p.losses])
 
-    def sketch_batch(self, batch: SequenceBatch) -> SketchedRows:
+    def sketch_batch(self, batch: SequenceBatch, rows_per_pass: int | None = None,
+                     on_row: Callable[[int], object] | None = None) -> SketchedRows:
         """Sketches, gradient norms (exact or sketch, per ``norms``), token counts and losses of
-        one SequenceBatch."""
+        one SequenceBatch, with at most ``rows_per_pass`` rows' sequences per pass (all when None);
+        ``on_row(n)`` as rows are done."""
         acc = self.projection.accumulator(batch.n_rows)
+        passes = self._passes(batch, rows_per_pass)
         if self.norms == "sketch":  # no exact norms: blocks hashed during backward (factored_stream.py)
-            sq_norms, losses = None, self._stream(batch, acc)
+            sq_norms, losses = None, self._stream(batch, passes, acc, on_row)
         else:
-            sq_norms, losses = self._run(batch, lambda name, value: self.projection.accumulate(acc, name, value))
+            sq_norms, losses = self._run(batch, passes, lambda name, value: self.projection.accumulate(acc, name, value))
+            if on_row is not None:
+                on_row(batch.n_rows)
         sketches = self.projection.finish(acc).cpu()
         norms = sketches.norm(dim=1) if sq_norms is None else sq_norms.clamp_min(0).sqrt()
         return SketchedRows(sketches, norms.tolist(), list(batch.n_tokens), losses)
@@ -332,18 +347,28 @@ class FactoredSketcher:
         gradient norms (None with norms ``sketch``), per-row losses) of one batch of R rows (for
         checks: holds every block at once; the streaming path of norms ``sketch`` never does)."""
         out: dict[str, torch.Tensor] = {}
-        sq_norms, losses = self._run(batch, out.__setitem__)
+        sq_norms, losses = self._run(batch, self._passes(batch, None), out.__setitem__)
         return out, sq_norms, losses
 
-    def _stream(self, batch: SequenceBatch, acc: torch.Tensor) -> list[float]:
+    @staticmethod
+    def _passes(batch: SequenceBatch, rows_per_pass: int | None) -> list[torch.Tensor]:
+        """The batch's passes: at most ``rows_per_pass`` rows' worth of sequences each (a row's
+        share: the batch's sequences per row, rounded up)."""
+        per_row = -(-batch.n_sequences // max(1, batch.n_rows))
+        cap = None if rows_per_pass is None else max(1, rows_per_pass * per_row)
+        return plan_passes([len(q) for q in batch.sequences], max_sequences=cap)
+
+    def _stream(self, batch: SequenceBatch, passes: list[torch.Tensor], acc: torch.Tensor,
+                on_row: Callable[[int], object] | None) -> list[float]:
         """Per-row losses; each row's hashed blocks added into the accumulator ``acc`` as the passes run."""
         if batch.n_sequences == 0:
+            if on_row is not None:
+                on_row(batch.n_rows)
             return [0.0] * batch.n_rows
-        passes = plan_passes([len(q) for q in batch.sequences])
         with _frozen(self.model), torch.enable_grad():
-            return stream_batch(self, batch, passes, acc, self._pool)
+            return stream_batch(self, batch, passes, acc, self._pool, on_row)
 
-    def _run(self, batch: SequenceBatch, emit: Callable[[str, torch.Tensor], object]
+    def _run(self, batch: SequenceBatch, passes: list[torch.Tensor], emit: Callable[[str, torch.Tensor], object]
              ) -> tuple[torch.Tensor | None, list[float]]:
         """Run the batch; ``emit(name, block or vector)`` for every selected parameter in sorted
         name order (blocks are (R, k_r, k_c), vectors (R, m)); returns ((R,) float64 squared
@@ -374,7 +399,7 @@ class FactoredSketcher:
         handles = [u.module.register_forward_hook(self._module_hook(u)) for u in self.uses]
         try:
             with _frozen(self.model), torch.enable_grad():
-                for index in plan_passes(lengths.tolist()):
+                for index in passes:
                     ids, mask = batch.padded(index)
                     S, T = ids.shape
                     valid = mask.reshape(-1).nonzero().squeeze(1).to(device)

@@ -29,7 +29,7 @@ page faults).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,11 +40,13 @@ from .sequences import SequenceBatch
 
 
 def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor], acc: torch.Tensor,
-                 pool: dict[str, torch.Tensor] | None = None) -> list[float]:
+                 pool: dict[str, torch.Tensor] | None = None,
+                 on_row: Callable[[int], object] | None = None) -> list[float]:
     """Run ``batch`` in ``passes`` (sequence indices) with every parameter frozen (the caller's
     job), adding each row's hashed blocks into ``acc`` (R rows of the final hash's accumulator:
     ``FactorProjection.accumulator``); returns per-row losses. ``pool``:
-    reusable scratch buffers (name -> flat tensor). ``sketcher``: the FactoredSketcher whose hooked
+    reusable scratch buffers (name -> flat tensor). ``on_row(n)``: after each pass, the n rows
+    whose last sequence it ran (rows without sequences at the end). ``sketcher``: the FactoredSketcher whose hooked
     modules (``uses``), factors and final hash (``projection``) and norm check
     (:func:`sketchstore.normalised.normalised_input`) are used."""
     R = batch.n_rows
@@ -54,6 +56,8 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
     state: dict = {}
     seq_rows = batch.seq_rows.to(device)
     row_loss = torch.zeros(R, dtype=torch.float64)
+    remaining = torch.bincount(batch.seq_rows.cpu(), minlength=R)  # sequences of each row still to run
+    reported = 0
 
     def scratch(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused buffer of ``shape`` (uninitialised), grown when too small."""
@@ -160,8 +164,16 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             if losses.requires_grad:
                 losses.sum().backward()
             acc.index_add_(0, seq_rows[index.to(device)], state["sketch"])
-            row_loss.index_add_(0, batch.seq_rows[index].cpu(), losses.detach().double().cpu())
+            rows = batch.seq_rows[index].cpu()
+            row_loss.index_add_(0, rows, losses.detach().double().cpu())
+            if on_row is not None:
+                remaining.index_add_(0, rows, torch.full_like(rows, -1))
+                done = int((remaining[rows.unique()] == 0).sum())  # each row's sequences run once
+                reported += done
+                on_row(done)
     finally:
         for h in handles:
             h.remove()
+    if on_row is not None and reported < R:
+        on_row(R - reported)
     return row_loss.tolist()

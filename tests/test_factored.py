@@ -138,6 +138,35 @@ def test_row_sketch_does_not_depend_on_its_batch(model_tok, sft_rows):
     # several passes (lengths far apart) give the same sketches as one pass
     assert len(plan_passes([40, 40, 39, 10, 9])) == 2
     assert [p.tolist() for p in plan_passes([3, 9, 3, 8])] == [[1, 3], [0, 2]]
+    assert [p.tolist() for p in plan_passes([5, 5, 5, 5, 5], max_sequences=2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_sketch_rows_sorts_a_window_by_length_and_reports_rows(model_tok, sft_data):
+    """With norms "sketch" the rows of a call form one batch whose passes take sequences of
+    similar lengths from all of them (at most batch_size per pass), and progress is reported
+    per pass; the sketches are those of batches of batch_size rows in file order."""
+    model, tok = model_tok
+    objective = SFTObjective(tok)
+    rows = read_rows(sft_data[0])[:12]
+    spec = ProjectionSpec(dim=1024, seed=3, mode="factored")
+    sketcher = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
+    passes, done = [], []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
+    try:
+        sorted_rows = sketcher.sketch_rows(objective, rows, batch_size=4, on_row=done.append)
+    finally:
+        handle.remove()
+    lengths = [len(q) for q in objective.batch(rows).sequences]
+    expected = plan_passes(lengths, max_sequences=4)
+    assert passes == [len(p) for p in expected] and max(passes) <= 4 and sum(done) == len(rows)
+    assert len(done) == len(expected)  # one report per pass
+    in_order = torch.cat([sketcher.sketch_batch(objective.batch(rows[lo:lo + 4])).sketches for lo in range(0, 12, 4)])
+    assert close(sorted_rows.sketches, in_order, rtol=1e-5)
+    # padding: the sorted passes pad less than passes within batches of 4 rows in file order
+    def padding(groups):
+        return sum(len(g) * max(lengths[i] for i in g) - sum(lengths[i] for i in g) for g in groups)
+    file_order = [[lo + int(i) for i in p] for lo in range(0, 12, 4) for p in plan_passes(lengths[lo:lo + 4])]
+    assert padding([p.tolist() for p in expected]) < padding(file_order)
 
 
 def test_sketch_cosines_track_exact_cosines(model_tok, sft_data):
