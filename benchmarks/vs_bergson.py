@@ -290,7 +290,7 @@ def child_bare(args) -> dict:
     import torch
 
     from sketchstore.build import DEFAULT_FLUSH_ROWS
-    from sketchstore.factored import SORT_ROWS, _frozen, plan_passes
+    from sketchstore.factored import SORT_ROWS, _frozen, batch_passes
     from sketchstore.gradients import load_model
     from sketchstore.sft import SFTObjective
 
@@ -304,7 +304,7 @@ def child_bare(args) -> dict:
         for lo in range(0, len(rows), window):
             batch = objective.batch(rows[lo:lo + window])
             with timer:
-                for index in plan_passes([len(q) for q in batch.sequences], max_sequences=int(args.batch)):
+                for index in batch_passes(batch, int(args.batch)):
                     ids, mask = batch.padded(index)
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     batch.loss_fn(batch.token_logits(logits, index), index).sum().backward()

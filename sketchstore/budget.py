@@ -26,7 +26,7 @@ from typing import Sequence
 from torch import nn
 
 from .errors import BadInputError
-from .factored import SORT_ROWS, plan_passes
+from .factored import SORT_ROWS, batch_passes, plan_passes
 from .objectives import Objective
 from .projection import SparseProjector
 from .spec import ProjectionSpec
@@ -91,8 +91,7 @@ def _forward_tokens(objective: Objective, rows: Sequence[dict], mode: str, batch
         batch = objective.batch(list(rows[lo:lo + window]))
         lengths = [len(q) for q in batch.sequences]
         seq_rows = batch.seq_rows.tolist()
-        per_row = -(-len(lengths) // max(1, batch.n_rows))
-        groups = [p.tolist() for p in plan_passes(lengths, max_sequences=batch_size * per_row)]
+        groups = [p.tolist() for p in batch_passes(batch, batch_size)]
         for first in range(0, batch.n_rows, batch_size):
             members = [s for s, r in enumerate(seq_rows) if first <= r < first + batch_size]
             groups += [[members[i] for i in p.tolist()] for p in plan_passes([lengths[s] for s in members])]

@@ -126,7 +126,7 @@ from .sequences import SequenceBatch
 from .sketchers import SketchedRows
 from .spec import ProjectionSpec
 
-__all__ = ["FactoredSketcher", "NORM_MODES", "plan_passes"]
+__all__ = ["FactoredSketcher", "NORM_MODES", "batch_passes", "plan_passes"]
 
 #: Most padded token positions per forward/backward pass (bounds activation memory).
 PASS_TOKENS = 1 << 14
@@ -163,6 +163,14 @@ def plan_passes(lengths: Sequence[int], max_tokens: int | None = None, waste: fl
     if current:
         passes.append(current)
     return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
+
+
+def batch_passes(batch: SequenceBatch, rows_per_pass: int | None) -> list[torch.Tensor]:
+    """The passes of a SequenceBatch (:func:`plan_passes`), at most ``rows_per_pass`` rows' worth
+    of sequences each (a row's share: the batch's sequences per row, rounded up; no cap when None)."""
+    per_row = -(-batch.n_sequences // max(1, batch.n_rows))
+    cap = None if rows_per_pass is None else max(1, rows_per_pass * per_row)
+    return plan_passes([len(q) for q in batch.sequences], max_sequences=cap)
 
 
 @dataclass
@@ -331,7 +339,7 @@ class FactoredSketcher:
         one SequenceBatch, with at most ``rows_per_pass`` rows' sequences per pass (all when None);
         ``on_row(n)`` as rows are done."""
         acc = self.projection.accumulator(batch.n_rows)
-        passes = self._passes(batch, rows_per_pass)
+        passes = batch_passes(batch, rows_per_pass)
         if self.norms == "sketch":  # no exact norms: blocks hashed during backward (factored_stream.py)
             sq_norms, losses = None, self._stream(batch, passes, acc, on_row)
         else:
@@ -347,16 +355,8 @@ class FactoredSketcher:
         gradient norms (None with norms ``sketch``), per-row losses) of one batch of R rows (for
         checks: holds every block at once; the streaming path of norms ``sketch`` never does)."""
         out: dict[str, torch.Tensor] = {}
-        sq_norms, losses = self._run(batch, self._passes(batch, None), out.__setitem__)
+        sq_norms, losses = self._run(batch, batch_passes(batch, None), out.__setitem__)
         return out, sq_norms, losses
-
-    @staticmethod
-    def _passes(batch: SequenceBatch, rows_per_pass: int | None) -> list[torch.Tensor]:
-        """The batch's passes: at most ``rows_per_pass`` rows' worth of sequences each (a row's
-        share: the batch's sequences per row, rounded up)."""
-        per_row = -(-batch.n_sequences // max(1, batch.n_rows))
-        cap = None if rows_per_pass is None else max(1, rows_per_pass * per_row)
-        return plan_passes([len(q) for q in batch.sequences], max_sequences=cap)
 
     def _stream(self, batch: SequenceBatch, passes: list[torch.Tensor], acc: torch.Tensor,
                 on_row: Callable[[int], object] | None) -> list[float]:

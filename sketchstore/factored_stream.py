@@ -29,6 +29,7 @@ page faults).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -54,16 +55,13 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
     projection = sketcher.projection
     pool = {} if pool is None else pool
     state: dict = {}
-    seq_rows = batch.seq_rows.to(device)
     row_loss = torch.zeros(R, dtype=torch.float64)
     remaining = torch.bincount(batch.seq_rows.cpu(), minlength=R)  # sequences of each row still to run
     reported = 0
 
     def scratch(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused buffer of ``shape`` (uninitialised), grown when too small."""
-        size = 1
-        for s in shape:
-            size *= s
+        size = math.prod(shape)
         if key not in pool or pool[key].numel() < size:
             pool[key] = torch.empty(size, device=device)
         return pool[key][:size].view(shape)
@@ -163,8 +161,8 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             state["inputs"] = {}
             if losses.requires_grad:
                 losses.sum().backward()
-            acc.index_add_(0, seq_rows[index.to(device)], state["sketch"])
             rows = batch.seq_rows[index].cpu()
+            acc.index_add_(0, rows.to(device), state["sketch"])
             row_loss.index_add_(0, rows, losses.detach().double().cpu())
             if on_row is not None:
                 remaining.index_add_(0, rows, torch.full_like(rows, -1))
