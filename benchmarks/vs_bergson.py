@@ -30,7 +30,8 @@ loop over tokenised rows only (Bergson's ``collect_gradients``, our sketcher's
 same over that loop's process CPU time (one thread: robust to a busy machine); ``rows/s wall``
 = train rows / wall time of the CLI command (``bergson build``, ``sketch build``: imports,
 model load, tokenising, writing included). Bytes/row: on-disk size of the train output / rows.
-Every configuration runs ``--repeats`` times, alternating tools; medians are reported.
+Every configuration runs ``--repeats`` times, alternating tools; medians are reported, and the
+speed-ups over Bergson (and fractions of bare) are paired per repeat (adjacent runs: drift cancels).
 
     .venv/bin/python benchmarks/vs_bergson.py                 # both models, 3 repeats
     .venv/bin/python benchmarks/vs_bergson.py --quick         # smoke run
@@ -189,9 +190,10 @@ def child_bergson(args) -> dict:
     bbuild.collect_gradients = timed
     out = {}
     work = Path(args.work)
-    for p in [int(x) for x in args.ps.split(",")]:
+    ps = [int(x) for x in args.ps.split(",")]
+    for p in ps:
         grads = {}
-        for split in ("val", "train"):
+        for split in ("val",) * (p == ps[0]) + ("val", "train"):  # the first val build warms the process up
             run = work / f"bergson-p{p}-{split}"
             shutil.rmtree(run, ignore_errors=True)
             timer.wall = timer.cpu = 0.0
@@ -266,11 +268,12 @@ def child_ours(args) -> dict:
     sbuild.make_sketcher = timed_sketcher
     work = Path(args.work)
     out = {}
-    for label in args.configs.split(","):
+    labels = args.configs.split(",")
+    for label in labels:
         spec_fields, build_fields = OURS[label]
         build_fields = {**build_fields, "batch_size": build_fields["batch_size"] if args.batch is None else int(args.batch)}
         got = {}
-        for split in ("val", "train"):
+        for split in ("val",) * (label == labels[0]) + ("val", "train"):  # as Bergson's child: warm-up build first
             store = work / f"ours-{label}-{split}"
             shutil.rmtree(store, ignore_errors=True)
             timer.wall = timer.cpu = 0.0
@@ -387,6 +390,14 @@ def summarise(runs: list[dict], exact: list[float], rows: int) -> dict:
             "bytes_per_row": round(first["bytes_per_row"])}
 
 
+def paired_ratios(baseline: list[float], ours: list[float]) -> dict:
+    """baseline / ours CPU seconds of each repeat (runs of one repeat are adjacent in time, so
+    the machine's drift between repeats, 10-30% here, cancels): median, min, max."""
+    ratios = [b / o for b, o in zip(baseline, ours)]
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+            "each": [round(x, 3) for x in ratios]}
+
+
 def prepare(work: Path, size: str, rows: int, val_rows: int) -> tuple[Path, Path, Path]:
     sys.path.insert(0, str(ROOT))
     from cropi.tasks import generate_tasks
@@ -441,12 +452,20 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
         result["methods"][f"ours_{label}"] = summarise([r[label] for r in ours_runs], reference, args.rows)
     result["bare_forward_backward"] = {key: round(statistics.median(args.rows / r[field] for r in bare_runs), 2)
                                        for key, field in (("rows_per_s_compute", "compute_s"), ("rows_per_s_cpu", "cpu_s"))}
+    headline = [r[f"p{ps[0]}"]["cpu_s"] for r in bergson_runs]
+    result["paired_speedup"] = {label: paired_ratios(headline, [r[label]["cpu_s"] for r in ours_runs])
+                                for label in configs}
+    result["paired_vs_bare"] = {label: paired_ratios([r["cpu_s"] for r in bare_runs], [r[label]["cpu_s"] for r in ours_runs])
+                                for label in configs}
     result["rows_per_s_wall"] = {k: round(statistics.median(args.rows / w for w in v), 2) for k, v in walls.items()}
     for name, m in result["methods"].items():
         print(f"[{size}] {name:28s} spearman {m['spearman']:.4f} top10 {m['top10']:.2f}  compute "
               f"{m['rows_per_s_compute']:7.2f} rows/s (cpu {m['rows_per_s_cpu']:7.2f})  {m['bytes_per_row']:7d} B/row",
               flush=True)
     print(f"[{size}] bare forward/backward (no hooks, no sketch): {result['bare_forward_backward']}", flush=True)
+    for label, r in result["paired_speedup"].items():
+        print(f"[{size}] ours_{label} vs bergson_p{ps[0]}, per repeat (CPU s ratio): median {r['median']} "
+              f"range {r['min']}-{r['max']}; of bare {result['paired_vs_bare'][label]['median']}", flush=True)
     print(f"[{size}] wall rows/s (CLI, import+load included): {result['rows_per_s_wall']}", flush=True)
     return result
 
