@@ -81,7 +81,9 @@ LINEAR_GLOB = "model.layers.*proj.weight"
 #: "_sketch_norms" the same sketches with the build's default for factored, ``--norms sketch``
 #: (blocks accumulated during backward); factored_sideS sweeps the block side (256 = the rule
 #: before factor_side existed); factored_vV builds the factors by spec factor_version V (1: random
-#: buckets, per parameter; 2: column factors shared per module; 3: folded buckets, the default).
+#: buckets, per parameter; 2: column factors shared per module; 3: folded buckets, the default);
+#: factored_fp32_blocks is the default with float32 block products (``--block-dtype float32``; the
+#: default, auto, multiplies in bfloat16 on CPUs with avx512_bf16).
 OURS = {
     "factored": ({"mode": "factored"}, {"batch_size": 32, "norms": "exact"}),
     "factored_sketch_norms": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch"}),
@@ -91,6 +93,7 @@ OURS = {
        for side in (32, 64, 256)},
     **{f"factored_v{v}": ({"mode": "factored", "factor_version": v}, {"batch_size": 32, "norms": "sketch"})
        for v in (1, 2, 3)},
+    "factored_fp32_blocks": ({"mode": "factored"}, {"batch_size": 32, "norms": "sketch", "block_dtype": "float32"}),
 }
 #: Bergson's projection_dim sweep per model; the first is the headline (p * p * modules ~ DIM).
 BERGSON_P = {"tiny": (24, 12, 48), "small": (17, 8, 34), SMOLLM2: (6, 3, 12)}

@@ -63,6 +63,7 @@ class CountSketch:
             negative = torch.randint(0, 2, (size,), generator=generator).bool()
         self.sign = torch.where(negative, -1.0, 1.0).to(device)
         self.bucket = self.bucket.to(device)
+        self._sign_slices: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """P x along the last dim: (..., size) -> (..., k)."""
@@ -70,12 +71,13 @@ class CountSketch:
             acc = x.new_zeros(*x.shape[:-1], 2 * self.k)
             acc.index_add_(x.dim() - 1, self.codes, x)
             return acc[..., :self.k] - acc[..., self.k:]
-        sign = self.sign if x.dtype == self.sign.dtype else self.sign.to(x.dtype)
-        k = self.k
-        out = x[..., :k] * sign[:k]
-        for lo in range(k, self.size, k):  # one fused multiply-add per k-wide slice
-            hi = min(lo + k, self.size)
-            out[..., :hi - lo].addcmul_(x[..., lo:hi], sign[lo:hi])
+        if x.dtype not in self._sign_slices:  # the signs of each k-wide slice, split once
+            self._sign_slices[x.dtype] = self.sign.to(x.dtype).split(self.k)
+        signs = self._sign_slices[x.dtype]
+        slices = x.split(self.k, dim=-1)
+        out = slices[0] * signs[0]
+        for piece, sign in zip(slices[1:], signs[1:]):  # one fused multiply-add per k-wide slice
+            (out if piece.shape[-1] == self.k else out[..., :piece.shape[-1]]).addcmul_(piece, sign)
         return out
 
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,14 +98,22 @@ class FoldedHash:
 
     def __init__(self, dim: int, seed: int, device: torch.device) -> None:
         self.dim, self.seed, self.device = dim, seed, device
-        self._keys: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
+        self._keys: dict[tuple[str, int], tuple[int, list[int], tuple[torch.Tensor, ...]]] = {}
 
-    def _key(self, name: str, size: int) -> tuple[int, torch.Tensor]:
+    def _key(self, name: str, size: int) -> tuple[int, list[int], tuple[torch.Tensor, ...]]:
+        """(offset, lengths, signs) of parameter ``name``'s ``size`` entries: entry f goes to
+        (offset + f) mod dim, so the entries run in segments that alternate between the
+        destinations [offset, dim) and [0, offset); ``lengths`` and ``signs`` are per segment."""
         if (name, size) not in self._keys:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, name, size))
             offset = int(torch.randint(0, self.dim, (1,), generator=gen))
             sign = torch.where(torch.randint(0, 2, (size,), generator=gen).bool(), -1.0, 1.0)
-            self._keys[(name, size)] = offset, sign.to(self.device)
+            lengths, lo, room = [], 0, self.dim - offset
+            while lo < size:
+                lengths.append(min(room, size - lo))
+                lo += lengths[-1]
+                room = offset if room == self.dim - offset and offset else self.dim - offset
+            self._keys[(name, size)] = offset, lengths, sign.to(self.device).split(lengths)
         return self._keys[(name, size)]
 
     @property
@@ -117,15 +127,14 @@ class FoldedHash:
 
     def accumulate(self, out: torch.Tensor, name: str, value: torch.Tensor) -> None:
         """out (R, dim) += the hash of ``value`` (R, ...), the blocks or vectors of parameter ``name``."""
-        flat = value.reshape(value.shape[0], -1).to(out.dtype)
-        offset, sign = self._key(name, flat.shape[1])
-        for lo in range(0, flat.shape[1], self.dim):
-            hi = min(lo + self.dim, flat.shape[1])
-            start = (offset + lo) % self.dim
-            first = min(hi - lo, self.dim - start)
-            out[:, start:start + first].addcmul_(flat[:, lo:lo + first], sign[lo:lo + first])
-            if lo + first < hi:  # wraps around
-                out[:, :hi - lo - first].addcmul_(flat[:, lo + first:hi], sign[lo + first:hi])
+        flat = value.reshape(value.shape[0], -1)
+        if flat.dtype != out.dtype:
+            flat = flat.to(out.dtype)
+        offset, lengths, signs = self._key(name, flat.shape[1])
+        destinations = (out[:, offset:], out[:, :offset])
+        for i, (piece, sign) in enumerate(zip(flat.split(lengths, dim=1), signs)):
+            dest = destinations[i % 2] if offset else out
+            (dest if dest.shape[1] == piece.shape[1] else dest[:, :piece.shape[1]]).addcmul_(piece, sign)
 
     def project(self, items: dict[str, torch.Tensor]) -> torch.Tensor:
         """(R, dim) hashes of the items (name -> (R, ...)), summed in sorted-name order."""
@@ -138,9 +147,10 @@ class FoldedHash:
         return out
 
 
-def apply_sketch(x: torch.Tensor, sketch: CountSketch | None) -> torch.Tensor:
-    """``sketch.apply(x)``, or x itself for an unprojected side (None)."""
-    return x if sketch is None else sketch.apply(x)
+def apply_sketch(x: torch.Tensor, sketch: CountSketch | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sketch.apply(x)``, or x itself for an unprojected side (None), in ``dtype`` (default x's)."""
+    out = x if sketch is None else sketch.apply(x)
+    return out if dtype is None else out.to(dtype)
 
 
 class FactorProjection:

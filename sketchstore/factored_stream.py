@@ -20,6 +20,10 @@ most loss tokens of a sequence in the pass), so the vocabulary-wide logits, thei
 the output layer's factors cost L, not T, positions per sequence; a model whose output
 embedding sees anything else keeps its whole logits.
 
+The projected factors and the block products are in the sketcher's ``block_dtype`` (float32, or
+bfloat16 where the device multiplies it fast: factored.py BLOCK_DTYPES); the final hash adds the
+blocks into float32 sketches. The embedding's lookup blocks stay float32 (``index_add_``).
+
 Modules fed the same input tensor in a pass (q/k/v, gate/up) whose column factors are equal
 (one factor per parent module and input width, factor_version 2: factor_projection.py) project
 it once: the projection is cached per pass by (input tensor, factor). The scratch buffers live
@@ -59,11 +63,13 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
     remaining = torch.bincount(batch.seq_rows.cpu(), minlength=R)  # sequences of each row still to run
     reported = 0
 
-    def scratch(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reused buffer of ``shape`` (uninitialised), grown when too small."""
+    block_dtype = sketcher.block_dtype
+
+    def scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A reused buffer of ``shape`` and ``dtype`` (uninitialised), grown when too small."""
         size = math.prod(shape)
-        if key not in pool or pool[key].numel() < size:
-            pool[key] = torch.empty(size, device=device)
+        if key not in pool or pool[key].numel() < size or pool[key].dtype != dtype:
+            pool[key] = torch.empty(size, device=device, dtype=dtype)
         return pool[key][:size].view(shape)
 
     def hash_into(name: str, value: torch.Tensor) -> None:
@@ -79,14 +85,14 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
 
     def on_grad(use, saved):
         def hook(grad):
-            g = grad.detach().float()
+            g = grad if grad.dtype == torch.float32 else grad.float()  # a hook's grad has no graph: no detach
             if use.bias:
                 hash_into(use.bias, g.sum(1))
             if use.weight is None:
                 return
             if use.kind == "linear":
-                gp = apply_sketch(g, sketches_of(use.weight)[0])  # (S, T, k_r)
-                block = scratch("block", (gp.shape[0], gp.shape[2], saved.shape[2]))
+                gp = apply_sketch(g, sketches_of(use.weight)[0], block_dtype)  # (S, T, k_r)
+                block = scratch("block", (gp.shape[0], gp.shape[2], saved.shape[2]), block_dtype)
                 hash_into(use.weight, torch.bmm(gp.transpose(1, 2), saved, out=block))
             elif use.kind == "embedding":
                 hash_into(use.weight, lookup_block(use.weight, saved, g))
@@ -108,7 +114,7 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             bucket, negative = row_sketch.lookup(ids)
             gp = torch.where(negative[..., None], -gp, gp)
         flat = (torch.arange(S, device=device)[:, None] * k_r + bucket).reshape(-1)
-        block = scratch("block", (S * k_r, k_c)).zero_()
+        block = scratch("lookup", (S * k_r, k_c)).zero_()
         return block.index_add_(0, flat, gp.reshape(-1, k_c)).view(S, k_r, k_c)
 
     def project_input(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -116,7 +122,9 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
         col_sketch = sketches_of(name)[1]
         key = (id(x), id(col_sketch))
         if key not in state["inputs"]:
-            state["inputs"][key] = (x, apply_sketch(x.detach().float(), col_sketch))
+            x_data = x.detach()
+            x_data = x_data if x_data.dtype == torch.float32 else x_data.float()
+            state["inputs"][key] = (x, apply_sketch(x_data, col_sketch, block_dtype))
         return state["inputs"][key][1]
 
     def on_forward(use):

@@ -17,7 +17,7 @@ from sketchstore.data import read_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
 from sketchstore import factored_blocks
 from sketchstore.factor_projection import CountSketch, FoldedHash, factor_dims
-from sketchstore.factored import FactoredSketcher, plan_passes
+from sketchstore.factored import FactoredSketcher, fast_bfloat16, plan_passes
 from sketchstore.gradients import load_model, per_example_gradients, select_parameters
 from sketchstore.sft import SFTObjective
 from sketchstore_fixtures import sft_data, tiny_model  # noqa: F401  (fixtures)
@@ -149,7 +149,7 @@ def test_sketch_rows_sorts_a_window_by_length_and_reports_rows(model_tok, sft_da
     objective = SFTObjective(tok)
     rows = read_rows(sft_data[0])[:12]
     spec = ProjectionSpec(dim=1024, seed=3, mode="factored")
-    sketcher = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
+    sketcher = FactoredSketcher(model, select_parameters(model), spec, norms="sketch", block_dtype="float32")
     passes, done = [], []
     handle = model.lm_head.register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
     try:
@@ -255,7 +255,8 @@ def check_sketch_norms(model, objective, rows):
     """norms="sketch": the same sketches, the sketch's own norm as grad_norm, zero where exact is zero."""
     params = select_parameters(model)
     spec = ProjectionSpec(dim=1024, seed=4, mode="factored")
-    exact_mode, sketch_mode = FactoredSketcher(model, params, spec), FactoredSketcher(model, params, spec, norms="sketch")
+    exact_mode = FactoredSketcher(model, params, spec)
+    sketch_mode = FactoredSketcher(model, params, spec, norms="sketch", block_dtype="float32")
     batch = objective.batch(rows)
     a, b = exact_mode.sketch_batch(batch), sketch_mode.sketch_batch(batch)
     assert close(b.sketches, a.sketches, rtol=1e-5)  # same blocks (exact mode may hash an explicit G)
@@ -313,7 +314,8 @@ def test_build_and_cli_record_the_norm_kind(tiny_model, sft_data, tmp_path):
     common = ["build", "--model", str(tiny_model), "--data", str(sft_data[0]), "--checkpoint", "c0", "--split",
               "train", "--dim", "512", "--dtype", "float32", "--projection", "factored", "--quiet"]
     for kind in ("exact", "sketch"):
-        result = CliRunner().invoke(main, common + ["--store", str(tmp_path / kind), "--norms", kind])
+        result = CliRunner().invoke(main, common + ["--store", str(tmp_path / kind), "--norms", kind,
+                                                    "--block-dtype", "float32"])
         assert result.exit_code == 0, result.output
     _, rows = catalog.query(SketchStore.open(tmp_path / "sketch"),
                             "SELECT id, grad_norm, sketch_norm, grad_norm_kind FROM sketches ORDER BY id")
@@ -348,7 +350,7 @@ def test_factor_version_seeds_shared_column_factors_and_old_stores_keep_theirs(m
     assert not torch.equal(new.factor(q, "col"), new.factor(gate, "col"))  # another parent module
     assert not torch.equal(old.factor(q, "col"), old.factor(k, "col"))  # version 1: per parameter name
     # shared factors stay unbiased Kronecker projections; the streaming path projects a shared input once
-    sketcher = FactoredSketcher(model, params, replace(spec, factor_version=2), norms="sketch")
+    sketcher = FactoredSketcher(model, params, replace(spec, factor_version=2), norms="sketch", block_dtype="float32")
     grads, _ = exact(model, SFTObjective(tok), sft_rows, params)
     blocks, _, _ = sketcher.blocks(SFTObjective(tok).batch(sft_rows))
     expected = kronecker(sketcher, grads)
@@ -383,13 +385,14 @@ def test_folded_factors_and_final_hash_follow_their_definition():
     for name, value in (("w", torch.randn(3, 10, 20)), ("b", torch.randn(3, 40))):  # wraps around dim / fits
         out = torch.zeros(3, 64)
         final.accumulate(out, name, value)
-        offset, sign = final._key(name, value[0].numel())
+        offset, _, signs = final._key(name, value[0].numel())
+        sign = torch.cat(signs)
         expected = torch.zeros(3, 64)
         for f, column in enumerate(value.reshape(3, -1).T):
             expected[:, (offset + f) % 64] += sign[f] * column
         assert close(out, expected), name
-    assert final._key("w", 200)[0] != final._key("other", 200)[0] or not torch.equal(final._key("w", 200)[1][:40],
-                                                                                      final._key("other", 200)[1][:40])
+    assert final._key("w", 200)[0] != final._key("other", 200)[0] or not torch.equal(final._key("w", 200)[2][0][:40],
+                                                                                      final._key("other", 200)[2][0][:40])
 
 
 def test_streaming_computes_logits_at_loss_tokens_only(model_tok, sft_rows):
@@ -422,7 +425,8 @@ def test_backward_stops_at_the_lowest_sketched_layers(model_tok, sft_rows):
     handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda m, args: in_graph.append(args[0].requires_grad))
     try:
-        sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=1024, seed=5, mode="factored"), norms="sketch")
+        sketcher = FactoredSketcher(model, params, ProjectionSpec(dim=1024, seed=5, mode="factored"), norms="sketch",
+                                    block_dtype="float32")
         result = sketcher.sketch_batch(objective.batch(sft_rows))
     finally:
         handle.remove()
@@ -435,12 +439,50 @@ def test_streaming_reuses_its_buffers_across_batches(model_tok, sft_rows):
     model, tok = model_tok
     objective = SFTObjective(tok)
     spec = ProjectionSpec(dim=1024, seed=2, mode="factored")
-    sketcher = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
+    sketcher = FactoredSketcher(model, select_parameters(model), spec, norms="sketch", block_dtype="float32")
     first = sketcher.sketch_batch(objective.batch(sft_rows)).sketches
     few = sketcher.sketch_batch(objective.batch(sft_rows[:2])).sketches  # fewer rows: a view of the same buffers
     again = sketcher.sketch_batch(objective.batch(sft_rows)).sketches
-    fresh = FactoredSketcher(model, select_parameters(model), spec, norms="sketch")
+    fresh = FactoredSketcher(model, select_parameters(model), spec, norms="sketch", block_dtype="float32")
     assert torch.equal(first, again) and close(few, first[:2], rtol=1e-5)
-    # blocks are hashed as they appear: one block scratch and the pass's sketches, not a buffer per parameter
-    assert sorted(sketcher._pool) == ["block", "pass"]
+    # blocks are hashed as they appear: one block scratch (and one for the embedding's lookups) and the
+    # pass's sketches, not a buffer per parameter
+    assert sorted(sketcher._pool) == ["block", "lookup", "pass"]
     assert torch.equal(fresh.sketch_batch(objective.batch(sft_rows)).sketches, first)
+
+
+def test_bfloat16_block_products_stay_within_rounding_of_float32(model_tok, tiny_model, sft_data, sft_rows, tmp_path):
+    """block_dtype bfloat16: the projected factors and block products run in bfloat16 (the final
+    hash in float32); the sketches stay within bfloat16 rounding of the float32 ones, norms and
+    cosines with them. auto picks bfloat16 only with sketch norms on a device with fast bfloat16."""
+    model, tok = model_tok
+    params = select_parameters(model)
+    spec = ProjectionSpec(dim=1024, seed=6, mode="factored")
+    batch = SFTObjective(tok).batch(sft_rows)
+    low = FactoredSketcher(model, params, spec, norms="sketch", block_dtype="bfloat16")
+    full = FactoredSketcher(model, params, spec, norms="sketch", block_dtype="float32")
+    a, b = low.sketch_batch(batch).sketches, full.sketch_batch(batch).sketches
+    assert low._pool["block"].dtype == torch.bfloat16 and full._pool["block"].dtype == torch.float32
+    assert not torch.equal(a, b)  # the products really ran in bfloat16 ...
+    nonzero = b.norm(dim=1) > 0
+    relative = (a - b).norm(dim=1)[nonzero] / b.norm(dim=1)[nonzero]
+    assert float(relative.max()) < 1e-2, relative  # ... within its rounding (2^-8 per entry, averaging over T)
+    assert float(torch.nn.functional.cosine_similarity(a[nonzero], b[nonzero]).min()) > 0.999
+    cos = lambda x: torch.nn.functional.normalize(x[nonzero], dim=1) @ torch.nn.functional.normalize(x[nonzero], dim=1).T
+    assert float((cos(a) - cos(b)).abs().max()) < 5e-3
+    auto = FactoredSketcher(model, params, spec, norms="sketch").block_dtype
+    assert auto == (torch.bfloat16 if fast_bfloat16(torch.device("cpu")) else torch.float32)
+    assert FactoredSketcher(model, params, spec).block_dtype == torch.float32  # exact norms: float32 blocks
+    with pytest.raises(BadInputError, match="block dtype bfloat16 needs --projection factored with --norms sketch"):
+        FactoredSketcher(model, params, spec, norms="exact", block_dtype="bfloat16")
+    with pytest.raises(BadInputError, match="unknown block dtype 'half'; choose one of auto, float32, bfloat16"):
+        BuildConfig(model=tiny_model, data=sft_data[0], store=tmp_path / "s", checkpoint="c", split="t", spec=spec,
+                    block_dtype="half")
+    common = dict(model=tiny_model, data=sft_data[0], checkpoint="c0", split="train", spec=spec)
+    for dtype in ("bfloat16", "float32"):
+        build_sketches(BuildConfig(store=tmp_path / dtype, block_dtype=dtype, **common), progress=False)
+    _, kinds = catalog.query(SketchStore.open(tmp_path / "bfloat16"), "SELECT DISTINCT block_dtype FROM sketches")
+    assert kinds == [("bfloat16",)]
+    ids, x = SketchStore.open(tmp_path / "bfloat16").read("c0", "train")
+    _, y = SketchStore.open(tmp_path / "float32").read("c0", "train", ids=ids)
+    assert float(torch.nn.functional.cosine_similarity(x.float(), y.float()).min()) > 0.999
