@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -74,6 +75,9 @@ OUR_BATCH = {"tiny": 32, "small": 16, SMOLLM2: 8}
 SKIP = {SMOLLM2: ("sparse",)}
 DIM = 8192
 TOP_FRACTION = 0.1
+#: Coverage asked of the confidence interval of a median paired ratio (median_interval): 0.95
+#: needs 6 repeats (range, 0.969); 9 give the 2nd smallest to 2nd largest (0.961).
+MEDIAN_COVERAGE = 0.95
 #: Glob of the linear weights (what Bergson tracks): our "linear layers only" runs.
 LINEAR_GLOB = "model.layers.*proj.weight"
 #: Our configurations: label -> (ProjectionSpec fields, BuildConfig fields). "factored" is the
@@ -407,12 +411,26 @@ def summarise(runs: list[dict], exact: list[float], rows: int) -> dict:
             "bytes_per_row": round(first["bytes_per_row"])}
 
 
+def median_interval(values: list[float], coverage: float = MEDIAN_COVERAGE) -> tuple[float, float, float]:
+    """Distribution-free confidence interval of the median of ``values``: the order statistics
+    x_(j) and x_(n+1-j) with the largest j whose coverage 1 - 2 P(Bin(n, 1/2) < j) is at least
+    ``coverage`` (j = 1, the range, when n is too small); returns (low, high, its coverage)."""
+    x, n = sorted(values), len(values)
+    below = lambda j: sum(math.comb(n, i) for i in range(j)) / 2 ** n  # P(Bin(n, 1/2) < j)
+    j = max([j for j in range(1, (n + 1) // 2 + 1) if 1 - 2 * below(j) >= coverage], default=1)
+    return x[j - 1], x[n - j], 1 - 2 * below(j)
+
+
 def paired_ratios(baseline: list[float], ours: list[float]) -> dict:
     """baseline / ours CPU seconds of each repeat (runs of one repeat are adjacent in time, so
-    the machine's drift between repeats, 10-30% here, cancels): median, min, max."""
+    the machine's drift between repeats, 10-30% here, cancels): median with its distribution-free
+    confidence interval (:func:`median_interval`), min, max, and the ratio of each side's fastest
+    run (best of n, as timeit reports: interference only ever adds time)."""
     ratios = [b / o for b, o in zip(baseline, ours)]
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
-            "each": [round(x, 3) for x in ratios]}
+    low, high, coverage = median_interval(ratios)
+    return {"median": round(statistics.median(ratios), 3), "ci_low": round(low, 3), "ci_high": round(high, 3),
+            "ci_coverage": round(coverage, 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+            "best_of_n": round(min(baseline) / min(ours), 3), "each": [round(x, 3) for x in ratios]}
 
 
 def prepare(work: Path, size: str, rows: int, val_rows: int) -> tuple[Path, Path, Path]:
@@ -482,7 +500,8 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
     print(f"[{size}] bare forward/backward (no hooks, no sketch): {result['bare_forward_backward']}", flush=True)
     for label, r in result["paired_speedup"].items():
         print(f"[{size}] ours_{label} vs bergson_p{ps[0]}, per repeat (CPU s ratio): median {r['median']} "
-              f"range {r['min']}-{r['max']}; of bare {result['paired_vs_bare'][label]['median']}", flush=True)
+              f"({r['ci_coverage']:.0%} CI {r['ci_low']}-{r['ci_high']}), range {r['min']}-{r['max']}, best of "
+              f"{args.repeats} {r['best_of_n']}; of bare {result['paired_vs_bare'][label]['median']}", flush=True)
     print(f"[{size}] wall rows/s (CLI, import+load included): {result['rows_per_s_wall']}", flush=True)
     return result
 

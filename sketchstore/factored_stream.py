@@ -23,6 +23,9 @@ embedding sees anything else keeps its whole logits.
 The projected factors and the block products are in the sketcher's ``block_dtype`` (float32, or
 bfloat16 where the device multiplies it fast: factored.py BLOCK_DTYPES); the final hash adds the
 blocks into float32 sketches. The embedding's lookup blocks stay float32 (``index_add_``).
+A linear layer's folded factors leave out their first slice's signs (``CountSketch.apply_led``:
+one multiply-add fewer per factor) and its blocks are hashed with those signs folded into the
+final hash's (``FactorProjection.accumulate_led``): bit for bit the same sketches.
 
 Modules fed the same input tensor in a pass (q/k/v, gate/up) whose column factors are equal
 (one factor per parent module and input width, factor_version 2: factor_projection.py) project
@@ -39,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .factor_projection import apply_sketch
+from .factor_projection import apply_led, apply_sketch
 from .normalised import normalised_input
 from .sequences import SequenceBatch
 
@@ -91,9 +94,9 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
             if use.weight is None:
                 return
             if use.kind == "linear":
-                gp = apply_sketch(g, sketches_of(use.weight)[0], block_dtype)  # (S, T, k_r)
+                gp = apply_led(g, sketches_of(use.weight)[0]).to(block_dtype)  # (S, T, k_r)
                 block = scratch("block", (gp.shape[0], gp.shape[2], saved.shape[2]), block_dtype)
-                hash_into(use.weight, torch.bmm(gp.transpose(1, 2), saved, out=block))
+                projection.accumulate_led(state["sketch"], use.weight, torch.bmm(gp.transpose(1, 2), saved, out=block))
             elif use.kind == "embedding":
                 hash_into(use.weight, lookup_block(use.weight, saved, g))
             else:
@@ -118,13 +121,14 @@ def stream_batch(sketcher, batch: SequenceBatch, passes: Sequence[torch.Tensor],
         return block.index_add_(0, flat, gp.reshape(-1, k_c)).view(S, k_r, k_c)
 
     def project_input(x: torch.Tensor, name: str) -> torch.Tensor:
-        """P_col x, once per (input tensor, factor) and pass (the cache holds x, so its id stays unique)."""
+        """lead * P_col x (factor_projection.apply_led), once per (input tensor, factor) and pass
+        (the cache holds x, so its id stays unique)."""
         col_sketch = sketches_of(name)[1]
         key = (id(x), id(col_sketch))
         if key not in state["inputs"]:
             x_data = x.detach()
             x_data = x_data if x_data.dtype == torch.float32 else x_data.float()
-            state["inputs"][key] = (x, apply_sketch(x_data, col_sketch, block_dtype))
+            state["inputs"][key] = (x, apply_led(x_data, col_sketch).to(block_dtype))
         return state["inputs"][key][1]
 
     def on_forward(use):

@@ -16,7 +16,7 @@ from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches
 from sketchstore.data import read_rows
 from sketchstore.errors import BadInputError, SpecMismatchError
 from sketchstore import factored_blocks
-from sketchstore.factor_projection import CountSketch, FoldedHash, factor_dims
+from sketchstore.factor_projection import CountSketch, FactorProjection, FoldedHash, apply_led, apply_sketch, factor_dims
 from sketchstore.factored import FactoredSketcher, fast_bfloat16, plan_passes
 from sketchstore.gradients import load_model, per_example_gradients, select_parameters
 from sketchstore.sft import SFTObjective
@@ -381,6 +381,12 @@ def test_folded_factors_and_final_hash_follow_their_definition():
     assert close(sketch.apply(x), x @ dense.T)
     hashed = CountSketch(300, 128, "hashed", torch.Generator().manual_seed(0), torch.device("cpu"))
     assert close(hashed.apply(x), x @ hashed.dense().T)
+    # the streaming path's factors leave the first slice's signs out (one multiply-add fewer), bit for bit
+    for size in (300, 256, 160):  # a partial last slice, whole slices, a partial second slice
+        led = CountSketch(size, 128, "folded", torch.Generator().manual_seed(1), torch.device("cpu"))
+        y = torch.randn(4, 5, size)
+        assert torch.equal(led.apply_led(y), led.lead * led.apply(y)), size
+    assert hashed.lead is None and torch.equal(hashed.apply_led(x), hashed.apply(x))
     final = FoldedHash(dim=64, seed=3, device=torch.device("cpu"))
     for name, value in (("w", torch.randn(3, 10, 20)), ("b", torch.randn(3, 40))):  # wraps around dim / fits
         out = torch.zeros(3, 64)
@@ -391,6 +397,21 @@ def test_folded_factors_and_final_hash_follow_their_definition():
         for f, column in enumerate(value.reshape(3, -1).T):
             expected[:, (offset + f) % 64] += sign[f] * column
         assert close(out, expected), name
+    # ... and the final hash takes those signs back: the same sketch as hashing the signed block
+    shapes = {"m.weight": (300, 200), "e.weight": (100, 64)}
+    for version in (3, 1):
+        projection = FactorProjection(ProjectionSpec(dim=512, mode="factored", factor_version=version), shapes,
+                                      list(shapes), torch.device("cpu"))
+        for name, (m, n) in shapes.items():
+            g, x_in = torch.randn(3, 7, m), torch.randn(3, 7, n)
+            signed = torch.bmm(apply_sketch(g, projection.sketch(name, "row")).transpose(1, 2),
+                               apply_sketch(x_in, projection.sketch(name, "col")))
+            led = torch.bmm(apply_led(g, projection.sketch(name, "row")).transpose(1, 2),
+                            apply_led(x_in, projection.sketch(name, "col")))
+            a, b = projection.accumulator(3), projection.accumulator(3)
+            projection.accumulate(a, name, signed)
+            projection.accumulate_led(b, name, led)
+            assert close(projection.finish(b), projection.finish(a), rtol=1e-6), (version, name)
     assert final._key("w", 200)[0] != final._key("other", 200)[0] or not torch.equal(final._key("w", 200)[2][0][:40],
                                                                                       final._key("other", 200)[2][0][:40])
 
