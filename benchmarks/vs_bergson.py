@@ -31,11 +31,19 @@ same over that loop's process CPU time (one thread: robust to a busy machine); `
 = train rows / wall time of the CLI command (``bergson build``, ``sketch build``: imports,
 model load, tokenising, writing included). Bytes/row: on-disk size of the train output / rows.
 Every configuration runs ``--repeats`` times, alternating tools; medians are reported, and the
-speed-ups over Bergson (and fractions of bare) are paired per repeat (adjacent runs: drift cancels).
+speed-ups over Bergson (and fractions of bare) are paired per repeat (adjacent runs: drift cancels),
+each median with a distribution-free confidence interval.
+
+``--interleave ROUNDS`` adds the low-noise speed comparison: one process (our venv, Bergson
+imported from its venv's site-packages: the same torch) builds the train rows with each
+p of the sweep, each of our configurations and the bare passes in turn, ROUNDS rounds after an
+untimed one; the runs of a round are seconds apart, so their ratios are paired at that distance
+(the repeats' children run a minute or more apart, and the machine drifts 10-30% over minutes).
 
     .venv/bin/python benchmarks/vs_bergson.py                 # both models, 3 repeats
     .venv/bin/python benchmarks/vs_bergson.py --quick         # smoke run
     .venv/bin/python benchmarks/vs_bergson.py --models small,smollm2
+    .venv/bin/python benchmarks/vs_bergson.py --models small --interleave 10
 
 Ends with one JSON line; ``--plot`` writes the fidelity-vs-speed figure.
 """
@@ -302,9 +310,10 @@ def child_ours(args) -> dict:
     return out
 
 
-def child_bare(args) -> dict:
-    """The floor of both tools: a frozen forward and input-gradient backward of our passes
-    (our loss at the loss tokens, the embedding's output as the leaf), no hooks, no sketch."""
+def bare_runner(args, timer: "Timer"):
+    """The floor of both tools: a frozen forward and input-gradient backward of our passes (our
+    loss at the loss tokens, the embedding's output as the leaf), no hooks, no sketch; returns
+    the function that runs them once, timed by ``timer`` (on its own copy of the model)."""
     import torch
 
     from sketchstore.build import DEFAULT_FLUSH_ROWS
@@ -315,29 +324,107 @@ def child_bare(args) -> dict:
     model, tok = load_model(args.model)
     objective = SFTObjective(tok)
     rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
-    timer = Timer()
-    leaf = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
     window = min(DEFAULT_FLUSH_ROWS, SORT_ROWS)  # the build's batches with --norms sketch (one SFT sequence per row)
 
     def run_passes() -> None:
-        for lo in range(0, len(rows), window):
-            batch = objective.batch(rows[lo:lo + window])
-            with timer:
-                for index in batch_passes(batch, int(args.batch)):
-                    ids, mask = batch.padded(index)
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                    batch.loss_fn(batch.token_logits(logits, index), index).sum().backward()
+        with _frozen(model), torch.enable_grad():
+            for lo in range(0, len(rows), window):
+                batch = objective.batch(rows[lo:lo + window])
+                with timer:
+                    for index in batch_passes(batch, int(args.batch)):
+                        ids, mask = batch.padded(index)
+                        logits = model(input_ids=ids, attention_mask=mask).logits
+                        batch.loss_fn(batch.token_logits(logits, index), index).sum().backward()
 
-    with _frozen(model), torch.enable_grad():
-        run_passes()  # warm-up, untimed: as build_splits in the other children
-        timer.wall = timer.cpu = 0.0
-        run_passes()
-    leaf.remove()
+    return run_passes
+
+
+def child_bare(args) -> dict:
+    """The bare passes (:func:`bare_runner`), timed after one untimed run (as build_splits warms up the other children)."""
+    timer = Timer()
+    run_passes = bare_runner(args, timer)
+    run_passes()
+    timer.wall = timer.cpu = 0.0
+    run_passes()
     return {"compute_s": timer.wall, "cpu_s": timer.cpu}
 
 
+def site_packages(venv: Path) -> Path:
+    """The site-packages directory of a virtual environment."""
+    return next((Path(venv) / "lib").glob("python*/site-packages"))
+
+
+def child_interleaved(args) -> dict:
+    """Bergson's builds (each p of ``args.ps``), our configurations' builds and the bare passes, in turn
+    in this one process for ``args.rounds`` rounds after one untimed round: the runs of a round
+    are seconds apart, so the machine's drift (10-30% over minutes here) cancels in per-round
+    ratios. Bergson is imported from its own venv's site-packages, appended after ours, so both
+    run on this venv's torch (2.13.0+cpu, the version of Bergson's venv; its p=17 index built here
+    was bit-identical to the one built in its venv). Timed scopes as in the other children
+    (Bergson's collect_gradients, our sketch_batch); only the train split is built."""
+    sys.path.append(str(site_packages(Path(args.venv))))
+    import bergson.build as bbuild
+    from bergson.config.config import PreprocessConfig
+
+    import sketchstore.build as sbuild
+    from sketchstore import BuildConfig, ProjectionSpec, build_sketches
+
+    timer = Timer()
+    collect, make = bbuild.collect_gradients, sbuild.make_sketcher
+
+    def timed_collect(*a, **k):
+        with timer:
+            return collect(*a, **k)
+
+    def timed_sketcher(*a, **k):
+        sketcher = make(*a, **k)
+        inner = sketcher.sketch_batch
+
+        def timed(*aa, **kk):
+            with timer:
+                return inner(*aa, **kk)
+
+        sketcher.sketch_batch = timed
+        return sketcher
+
+    bbuild.collect_gradients, sbuild.make_sketcher = timed_collect, timed_sketcher
+    work = Path(args.work)
+
+    def bergson(p: int):
+        def build() -> None:
+            run = work / f"interleaved-bergson-p{p}"
+            shutil.rmtree(run, ignore_errors=True)
+            bbuild.build(_bergson_config(args, Path(args.train), run, p), PreprocessConfig())
+        return build
+
+    def ours(label: str):
+        spec_fields, build_fields = OURS[label]
+        build_fields = {**build_fields, "batch_size": int(args.batch)}
+
+        def build() -> None:
+            store = work / f"interleaved-{label}"
+            shutil.rmtree(store, ignore_errors=True)
+            build_sketches(BuildConfig(model=Path(args.model), data=Path(args.train), store=store, checkpoint="c",
+                                       split="train", spec=ProjectionSpec(dim=args.dim, **spec_fields), **build_fields),
+                           progress=False)
+        return build
+
+    runs = {**{f"bergson_p{p}": bergson(int(p)) for p in args.ps.split(",")},
+            **{label: ours(label) for label in args.configs.split(",")},
+            "bare": bare_runner(args, timer)}
+    cpu = {name: [] for name in runs}
+    for round_ in range(int(args.rounds) + 1):
+        for name, run in runs.items():
+            timer.wall = timer.cpu = 0.0
+            run()
+            if round_:  # round 0 warms every run up, untimed
+                cpu[name].append(timer.cpu)
+    return {"cpu_s": cpu}
+
+
 CHILDREN = {"exact": child_exact, "bergson": child_bergson, "bergson_exact": child_bergson_exact, "ours": child_ours,
-            "bare": child_bare}
+            "bare": child_bare, "interleaved": child_interleaved}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -474,6 +561,9 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
              "--store", str(store), "--checkpoint", "c", "--split", "train", "--dim", str(args.dim),
              "--projection", "factored", "--norms", "sketch", "--batch-size", str(OUR_BATCH[size])], args.threads))
         print(f"[{size}] repeat {rep + 1}/{args.repeats} done", flush=True)
+    if args.interleave:
+        interleaved = run_child(Path(sys.executable), args, "interleaved", ps=",".join(map(str, ps)), configs=",".join(configs),
+                                batch=OUR_BATCH[size], rounds=args.interleave, venv=args.venv, **paths)["cpu_s"]
     bergson_exact = run_child(bergson_py, args, "bergson_exact", index=work / f"bergson-p{ps[0]}-train", **paths)
     result = {"rows": args.rows, "val_rows": args.val_rows, "params_all": exact["n_params"]["all"], "params_linear": exact["n_params"]["linear"],
               "params_bergson": bergson_exact["n_params"], "methods": {}}
@@ -493,6 +583,12 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
     result["paired_vs_bare"] = {label: paired_ratios([r["cpu_s"] for r in bare_runs], [r[label]["cpu_s"] for r in ours_runs])
                                 for label in configs}
     result["rows_per_s_wall"] = {k: round(statistics.median(args.rows / w for w in v), 2) for k, v in walls.items()}
+    if args.interleave:
+        result["interleaved"] = {
+            "rounds": args.interleave,
+            "rows_per_s_cpu": {name: round(args.rows / statistics.median(v), 2) for name, v in interleaved.items()},
+            "speedup": {label: paired_ratios(interleaved[f"bergson_p{ps[0]}"], interleaved[label]) for label in configs},
+            "vs_bare": {label: paired_ratios(interleaved["bare"], interleaved[label]) for label in configs}}
     for name, m in result["methods"].items():
         print(f"[{size}] {name:28s} spearman {m['spearman']:.4f} top10 {m['top10']:.2f}  compute "
               f"{m['rows_per_s_compute']:7.2f} rows/s (cpu {m['rows_per_s_cpu']:7.2f})  {m['bytes_per_row']:7d} B/row",
@@ -503,6 +599,11 @@ def bench_model(args, bergson_py: Path, size: str, root: Path) -> dict:
               f"({r['ci_coverage']:.0%} CI {r['ci_low']}-{r['ci_high']}), range {r['min']}-{r['max']}, best of "
               f"{args.repeats} {r['best_of_n']}; of bare {result['paired_vs_bare'][label]['median']}", flush=True)
     print(f"[{size}] wall rows/s (CLI, import+load included): {result['rows_per_s_wall']}", flush=True)
+    for label, r in result.get("interleaved", {}).get("speedup", {}).items():
+        print(f"[{size}] interleaved, {args.interleave} rounds in one process: ours_{label} vs bergson_p{ps[0]} median "
+              f"{r['median']} ({r['ci_coverage']:.0%} CI {r['ci_low']}-{r['ci_high']}), range {r['min']}-{r['max']}; "
+              f"of bare {result['interleaved']['vs_bare'][label]['median']}; rows/cpu-s "
+              f"{result['interleaved']['rows_per_s_cpu']}", flush=True)
     return result
 
 
@@ -514,18 +615,23 @@ def plot(summary: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(summary["models"]), figsize=(6 * len(summary["models"]), 4.5))
     for ax, (size, res) in zip(axes if len(summary["models"]) > 1 else [axes], summary["models"].items()):
+        interleaved = res.get("interleaved", {}).get("rows_per_s_cpu", {})  # the low-noise speeds, when run
+
+        def speed(name: str, method: dict) -> float:
+            return interleaved.get(name.removeprefix("ours_"), method["rows_per_s_cpu"]) if interleaved else method["rows_per_s_cpu"]
+
         for tool, marker in (("bergson", "s"), ("ours", "o")):
-            pts = sorted((m["rows_per_s_cpu"], m["spearman"], name) for name, m in res["methods"].items()
+            pts = sorted((speed(name, m), m["spearman"], name) for name, m in res["methods"].items()
                          if name.startswith(tool + "_"))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label="Bergson 2.5.1" if tool == "bergson" else "ours")
             for x, y, name in pts:
                 ax.annotate(name.split("_", 1)[1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.axhline(0.99, color="grey", lw=0.5, ls="--")
         if "bare_forward_backward" in res:
-            ax.axvline(res["bare_forward_backward"]["rows_per_s_cpu"], color="black", lw=0.8, ls=":",
-                       label="bare forward/backward (no sketch)")
+            ax.axvline(interleaved.get("bare", res["bare_forward_backward"]["rows_per_s_cpu"]), color="black", lw=0.8,
+                       ls=":", label="bare forward/backward (no sketch)")
         ax.set_xscale("log")
-        ax.set_xlabel("rows/s (build compute, per CPU second, 1 thread)")
+        ax.set_xlabel("rows/s (build compute, per CPU second, 1 thread" + (", interleaved)" if interleaved else ")"))
         ax.set_ylabel("Spearman of influence scores vs exact")
         name = "SmolLM2-135M" if size == SMOLLM2 else f"{size} Qwen2"
         ax.set_title(f"{name} ({res['params_all'] / 1e6:.1f}M params, {res['rows']} rows), k = {summary['dim']}")
@@ -551,7 +657,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="write the fidelity-vs-speed figure here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few rows, one repeat")
-    for hidden in ("child", "model", "train", "val", "ps", "configs", "index", "batch"):
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="also time Bergson's p sweep, our configurations and bare in turn in one process for "
+                             "ROUNDS rounds (per-round paired ratios: the low-noise speed comparison)")
+    for hidden in ("child", "model", "train", "val", "ps", "configs", "index", "batch", "rounds"):
         parser.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
