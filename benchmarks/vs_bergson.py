@@ -196,14 +196,10 @@ def _bergson_config(args, data: Path, run: Path, p: int):
                        projection_dim=p, loss_reduction="mean", token_batch_size=args.token_batch)
 
 
-def child_bergson(args) -> dict:
-    """Bergson's build (its Python entry point, bergson.build.build) per projection_dim; the
-    gradient loop (collect_gradients) is timed."""
+def time_bergson(timer: "Timer") -> None:
+    """Time Bergson's gradient loop (bergson.build.collect_gradients) with ``timer`` from now on."""
     import bergson.build as bbuild
-    from bergson import load_gradients
-    from bergson.config.config import PreprocessConfig
 
-    timer = Timer()
     collect = bbuild.collect_gradients
 
     def timed(*a, **k):
@@ -211,6 +207,23 @@ def child_bergson(args) -> dict:
             return collect(*a, **k)
 
     bbuild.collect_gradients = timed
+
+
+def build_bergson(args, data: Path, run: Path, p: int) -> None:
+    """Bergson's build (its Python entry point, bergson.build.build) of ``data`` at projection_dim p into ``run``."""
+    import bergson.build as bbuild
+    from bergson.config.config import PreprocessConfig
+
+    shutil.rmtree(run, ignore_errors=True)
+    bbuild.build(_bergson_config(args, data, run, p), PreprocessConfig())
+
+
+def child_bergson(args) -> dict:
+    """Bergson's build per projection_dim; the gradient loop (collect_gradients) is timed."""
+    from bergson import load_gradients
+
+    timer = Timer()
+    time_bergson(timer)
     out = {}
     work = Path(args.work)
     ps = [int(x) for x in args.ps.split(",")]
@@ -218,9 +231,8 @@ def child_bergson(args) -> dict:
         grads = {}
         for split in build_splits(first=p == ps[0]):
             run = work / f"bergson-p{p}-{split}"
-            shutil.rmtree(run, ignore_errors=True)
             timer.wall = timer.cpu = 0.0
-            bbuild.build(_bergson_config(args, Path(getattr(args, split)), run, p), PreprocessConfig())
+            build_bergson(args, Path(getattr(args, split)), run, p)
             grads[split] = load_gradients(run)
         out[f"p{p}"] = {"scores": influence(grads["train"], grads["val"]), "compute_s": timer.wall,
                         "cpu_s": timer.cpu, "width": int(grads["train"].shape[1]),
@@ -263,17 +275,13 @@ def child_bergson_exact(args) -> dict:
             "n_params": sum(w.numel() for w in weights)}
 
 
-def child_ours(args) -> dict:
-    """Our builds (build_sketches, what `sketch build` runs), one per configuration; the
-    sketcher's sketch_batch is timed (forward, backward and sketching of tokenised rows: the
-    scope of Bergson's collect_gradients, whose rows are tokenised before it starts); the
-    per-row sparse sketcher has no batched form and its sketch_rows (tokenising included) is."""
-    import numpy as np
-
+def time_our_sketchers(timer: "Timer") -> None:
+    """Time every sketcher build_sketches makes from now on with ``timer``: its sketch_batch
+    (forward, backward and sketching of tokenised rows: the scope of Bergson's collect_gradients,
+    whose rows are tokenised before it starts); the per-row sparse sketcher has no batched form
+    and its sketch_rows (tokenising included) is timed."""
     import sketchstore.build as sbuild
-    from sketchstore import BuildConfig, ProjectionSpec, SketchStore, build_sketches
 
-    timer = Timer()
     make = sbuild.make_sketcher
 
     def timed_sketcher(*a, **k):
@@ -289,20 +297,38 @@ def child_ours(args) -> dict:
         return sketcher
 
     sbuild.make_sketcher = timed_sketcher
+
+
+def build_ours(args, label: str, split: str, store: Path) -> None:
+    """Our build (build_sketches, what `sketch build` runs) of configuration ``label`` (OURS) of
+    ``split`` into ``store``, with ``args.batch`` rows per pass when given."""
+    from sketchstore import BuildConfig, ProjectionSpec, build_sketches
+
+    spec_fields, build_fields = OURS[label]
+    build_fields = {**build_fields, "batch_size": build_fields["batch_size"] if args.batch is None else int(args.batch)}
+    shutil.rmtree(store, ignore_errors=True)
+    build_sketches(BuildConfig(model=Path(args.model), data=Path(getattr(args, split)), store=store, checkpoint="c",
+                               split=split, spec=ProjectionSpec(dim=args.dim, **spec_fields), **build_fields),
+                   progress=False)
+
+
+def child_ours(args) -> dict:
+    """Our builds, one per configuration, timed by :func:`time_our_sketchers`."""
+    import numpy as np
+
+    from sketchstore import SketchStore
+
+    timer = Timer()
+    time_our_sketchers(timer)
     work = Path(args.work)
     out = {}
     labels = args.configs.split(",")
     for label in labels:
-        spec_fields, build_fields = OURS[label]
-        build_fields = {**build_fields, "batch_size": build_fields["batch_size"] if args.batch is None else int(args.batch)}
         got = {}
         for split in build_splits(first=label == labels[0]):
             store = work / f"ours-{label}-{split}"
-            shutil.rmtree(store, ignore_errors=True)
             timer.wall = timer.cpu = 0.0
-            build_sketches(BuildConfig(model=Path(args.model), data=Path(getattr(args, split)), store=store,
-                                       checkpoint="c", split=split, spec=ProjectionSpec(dim=args.dim, **spec_fields),
-                                       **build_fields), progress=False)
+            build_ours(args, label, split, store)
             ids, rows = SketchStore.open(store).read("c", split, ids=read_ids(getattr(args, split)))
             got[split] = rows.float().numpy().astype(np.float64)
         out[label] = {"scores": influence(got["train"], got["val"]), "compute_s": timer.wall, "cpu_s": timer.cpu,
@@ -364,51 +390,16 @@ def child_interleaved(args) -> dict:
     was bit-identical to the one built in its venv). Timed scopes as in the other children
     (Bergson's collect_gradients, our sketch_batch); only the train split is built."""
     sys.path.append(str(site_packages(Path(args.venv))))
-    import bergson.build as bbuild
-    from bergson.config.config import PreprocessConfig
-
-    import sketchstore.build as sbuild
-    from sketchstore import BuildConfig, ProjectionSpec, build_sketches
-
     timer = Timer()
-    collect, make = bbuild.collect_gradients, sbuild.make_sketcher
-
-    def timed_collect(*a, **k):
-        with timer:
-            return collect(*a, **k)
-
-    def timed_sketcher(*a, **k):
-        sketcher = make(*a, **k)
-        inner = sketcher.sketch_batch
-
-        def timed(*aa, **kk):
-            with timer:
-                return inner(*aa, **kk)
-
-        sketcher.sketch_batch = timed
-        return sketcher
-
-    bbuild.collect_gradients, sbuild.make_sketcher = timed_collect, timed_sketcher
+    time_bergson(timer)
+    time_our_sketchers(timer)
     work = Path(args.work)
 
     def bergson(p: int):
-        def build() -> None:
-            run = work / f"interleaved-bergson-p{p}"
-            shutil.rmtree(run, ignore_errors=True)
-            bbuild.build(_bergson_config(args, Path(args.train), run, p), PreprocessConfig())
-        return build
+        return lambda: build_bergson(args, Path(args.train), work / f"interleaved-bergson-p{p}", p)
 
     def ours(label: str):
-        spec_fields, build_fields = OURS[label]
-        build_fields = {**build_fields, "batch_size": int(args.batch)}
-
-        def build() -> None:
-            store = work / f"interleaved-{label}"
-            shutil.rmtree(store, ignore_errors=True)
-            build_sketches(BuildConfig(model=Path(args.model), data=Path(args.train), store=store, checkpoint="c",
-                                       split="train", spec=ProjectionSpec(dim=args.dim, **spec_fields), **build_fields),
-                           progress=False)
-        return build
+        return lambda: build_ours(args, label, "train", work / f"interleaved-{label}")
 
     runs = {**{f"bergson_p{p}": bergson(int(p)) for p in args.ps.split(",")},
             **{label: ours(label) for label in args.configs.split(",")},

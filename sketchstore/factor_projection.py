@@ -63,7 +63,6 @@ class CountSketch:
             negative = torch.randint(0, 2, (size,), generator=generator).bool()
         self.sign = torch.where(negative, -1.0, 1.0).to(device)
         self.bucket = self.bucket.to(device)
-        self._sign_slices: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         self._relative_slices: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
 
     @property
@@ -74,13 +73,13 @@ class CountSketch:
 
     def apply_led(self, x: torch.Tensor) -> torch.Tensor:
         """``lead * apply(x)`` (bit for bit: sign flips are exact), one multiply-add fewer than
-        :meth:`apply`: x_0 + sum_q x_q * (sign_q * lead) over the k-wide slices x_q. A bucket's
-        sign cancels in the inner products of factors, and the streaming path folds it into the
-        final hash's signs (FactorProjection.accumulate_led). Hashed factors: ``apply(x)``."""
+        applying every sign: x_0 + sum_q x_q * (sign_q * lead) over the k-wide slices x_q. A
+        bucket's sign cancels in the inner products of factors, and the streaming path folds it
+        into the final hash's signs (FactorProjection.accumulate_led). Hashed factors: ``apply(x)``."""
         if self.rule == "hashed":
             return self.apply(x)
         if x.dtype not in self._relative_slices:  # sign_q * lead of each slice after the first
-            lead = self.sign[:self.k]
+            lead = self.lead
             self._relative_slices[x.dtype] = tuple(
                 (s * lead[:s.shape[0]]).to(x.dtype) for s in self.sign[self.k:].split(self.k))
         relative = self._relative_slices[x.dtype]
@@ -90,24 +89,17 @@ class CountSketch:
         else:
             out = slices[0].clone()
             out[..., :slices[1].shape[-1]].addcmul_(slices[1], relative[0])
-        for piece, sign in zip(slices[2:], relative[1:]):
+        for piece, sign in zip(slices[2:], relative[1:]):  # one fused multiply-add per k-wide slice
             (out if piece.shape[-1] == self.k else out[..., :piece.shape[-1]]).addcmul_(piece, sign)
         return out
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """P x along the last dim: (..., size) -> (..., k)."""
+        """P x along the last dim: (..., size) -> (..., k); folded factors: lead * apply_led(x)."""
         if self.rule == "hashed":
             acc = x.new_zeros(*x.shape[:-1], 2 * self.k)
             acc.index_add_(x.dim() - 1, self.codes, x)
             return acc[..., :self.k] - acc[..., self.k:]
-        if x.dtype not in self._sign_slices:  # the signs of each k-wide slice, split once
-            self._sign_slices[x.dtype] = self.sign.to(x.dtype).split(self.k)
-        signs = self._sign_slices[x.dtype]
-        slices = x.split(self.k, dim=-1)
-        out = slices[0] * signs[0]
-        for piece, sign in zip(slices[1:], signs[1:]):  # one fused multiply-add per k-wide slice
-            (out if piece.shape[-1] == self.k else out[..., :piece.shape[-1]]).addcmul_(piece, sign)
-        return out
+        return self.apply_led(x).mul_(self.lead.to(x.dtype))
 
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bucket, negative) of coordinates ``ids``: P[:, id] = +-e_bucket (an embedding's one-hot rows)."""
